@@ -1,0 +1,37 @@
+"""himix_megatron: HiMix vision-language models on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="himix_megatron",
+    version="0.1.0",
+    description="Megatron-style tensor/pipeline-parallel training of HiMix vision-language models",
+    packages=find_packages(include=["himix_megatron", "himix_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # A range, so that inside the NGC container pip keeps the container's CUDA build of torch.
+        "torch>=2.4",
+        # Exact: cpu_compat.py patches known sites of this release.
+        "megatron-core==0.16.1",
+        "transformers>=4.45",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "webdataset>=0.2.86",
+        "pillow",
+        "numpy",
+        "pyyaml",
+        "einops",
+        "tqdm",
+        "tensorboard",
+        "pyarrow",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        "mpi": ["mpi4py", "mpich"],
+        # GPU only. These ship in the NGC PyTorch container; never install them on a CPU machine
+        # (transformer-engine fails to build there, and its core wheel alone breaks megatron imports).
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+    },
+    entry_points={"console_scripts": []},
+)
