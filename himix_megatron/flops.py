@@ -1,0 +1,228 @@
+"""Parameter and FLOPs accounting for the language decoder, under the paper's counting rule.
+
+The rule (DESIGN.md section 2): forward FLOPs of the language decoder only, 2 x MACs of every matmul;
+embedding lookups, norms, softmax, RoPE, activations and biases count as zero; the vision encoder is
+excluded. What the paper's tables pin down beyond that (checked cell by cell in tests/test_flops.py):
+
+- QK^T and AV are counted in full, with no discount for the causal mask: halving them for vanilla would
+  put its Table 10 attention column 20-40% low, while full counting lands within 0.4% everywhere.
+- The LM head runs at every position the decoder processes (all N+M for vanilla), not only the text:
+  Qwen2-0.5B vanilla at 728:64 is 837 G only with the 151936-wide head applied 792 times.
+- Table 10's attention part is the Q/K/V/O projections + QK^T + AV + (HiMix) the vision K/V projections;
+  the FFN part is the MLP. The head is in neither: it is only in the total (Table 5).
+- The vanilla connector is not "language decoder": with it, the 20 vanilla cells of Table 5 are all
+  biased high (mean +0.26%); without it they scatter around zero (mean -0.06%, max 0.31%). DESIGN's
+  decoder parameter counts (Llama-3.2-1B 1.236 B, Vicuna-7B 6.74 B) exclude it too. We therefore keep
+  every connector (vanilla, and the Fig. 4 variants) out of `params` and `flops`, and report it
+  separately in `connector_params` / `connector_flops`, since for "hierarchical" it is a large cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from himix_megatron.config import ARCHS, ConfigError, LanguageModelConfig, language_model_preset, vision_model_preset
+
+STAGES: tuple[str, ...] = ("pretrain", "further-pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class DecoderCost:
+    """Decoder parameters and forward FLOPs of one sample (plain numbers, not giga)."""
+
+    params: int
+    flops: int  # attn_flops + ffn_flops + LM head
+    attn_flops: int
+    ffn_flops: int
+    connector_params: int = 0  # outside the decoder, see the module docstring
+    connector_flops: int = 0
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """Forward FLOPs of the matmuls of one decoder layer, and the shape of its attention."""
+
+    qkv: int  # text Q, K, V projections
+    out: int  # output projection
+    vision_kv: int  # K/V projections of the N vision tokens (dedicated for himix, shared otherwise)
+    scores: int  # QK^T
+    mix: int  # AV
+    mlp: int
+    queries: int
+    keys: int  # of which the first `vision_keys` are vision tokens
+    vision_keys: int
+
+
+def _check(arch: str, vision_tokens: int, text_tokens: int) -> None:
+    if arch not in ARCHS:
+        raise ConfigError(f"arch={arch!r} is not one of {list(ARCHS)}")
+    for field, value in (("vision_tokens", vision_tokens), ("text_tokens", text_tokens)):
+        if value < 0:
+            raise ConfigError(f"{field}={value} must be >= 0")
+
+
+def _layer(lm: LanguageModelConfig, arch: str, n: int, m: int, d_v: int) -> _Layer:
+    d, kv, q = lm.hidden_size, lm.kv_dim, lm.num_attention_heads * lm.kv_channels
+    # Vanilla runs the whole N+M sequence through the layer; the injection variants keep vision out of
+    # the residual stream and only let the M text queries attend over N vision + M text keys.
+    tokens, vision_in = (n + m, 0) if arch == "vanilla" else (m, n)
+    # HiMix projects raw SigLIP features (width d_v) with its own W_K,v / W_V,v; the Fig. 4 variants
+    # push connector outputs (width d) through the layer's text K/V projections.
+    vision_width = d_v if arch == "himix" else d
+    return _Layer(
+        qkv=2 * tokens * d * (q + 2 * kv),
+        out=2 * tokens * q * d,
+        vision_kv=2 * vision_in * vision_width * 2 * kv,
+        # Per query head the score and mixing matmuls are head_dim wide; summed over heads that is q.
+        # GQA shares K/V between heads but not the work.
+        scores=2 * tokens * (tokens + vision_in) * q,
+        mix=2 * tokens * (tokens + vision_in) * q,
+        mlp=2 * tokens * 3 * d * lm.ffn_hidden_size,  # SwiGLU: gate, up, down
+        queries=tokens,
+        keys=tokens + vision_in,
+        vision_keys=vision_in,
+    )
+
+
+def _head_flops(lm: LanguageModelConfig, arch: str, n: int, m: int) -> int:
+    return 2 * (n + m if arch == "vanilla" else m) * lm.hidden_size * lm.vocab_size
+
+
+def _lm_params(lm: LanguageModelConfig) -> int:
+    d, kv, q = lm.hidden_size, lm.kv_dim, lm.num_attention_heads * lm.kv_channels
+    attn = d * (q + 2 * kv) + q * d + (q + 2 * kv if lm.qkv_bias else 0)
+    layer = attn + 3 * d * lm.ffn_hidden_size + 2 * d  # + the two RMSNorm weights
+    embeddings = lm.vocab_size * d * (1 if lm.tie_embeddings else 2)
+    return embeddings + lm.num_layers * layer + d  # + final norm
+
+
+def _connector_params(d_in: int, d: int) -> int:
+    """LLaVA's mlp2x_gelu: Linear(d_in, d) -> GELU -> Linear(d, d), both with bias."""
+    return d_in * d + d + d * d + d
+
+
+def decoder_cost(
+    lm: LanguageModelConfig, arch: str, vision_tokens: int, text_tokens: int, vision_hidden_size: int = 1152
+) -> DecoderCost:
+    """Parameters and forward FLOPs of the language decoder for one sample of N vision + M text tokens."""
+    _check(arch, vision_tokens, text_tokens)
+    n, m, d_v, L, d = vision_tokens, text_tokens, vision_hidden_size, lm.num_layers, lm.hidden_size
+    t = _layer(lm, arch, n, m, d_v)
+    attn = L * (t.qkv + t.out + t.vision_kv + t.scores + t.mix)
+    ffn = L * t.mlp
+    params = _lm_params(lm)
+    if arch == "himix":
+        # Per layer: RMSNorm_v weight, W_K,v and W_V,v (+ their biases where the LM's QKV has bias).
+        params += L * (d_v + 2 * d_v * lm.kv_dim + (2 * lm.kv_dim if lm.qkv_bias else 0))
+    connectors = {"himix": 0, "vanilla": 1, "uniform": 1, "hierarchical": L}[arch]
+    return DecoderCost(
+        params=params,
+        flops=attn + ffn + _head_flops(lm, arch, n, m),
+        attn_flops=attn,
+        ffn_flops=ffn,
+        connector_params=connectors * _connector_params(d_v, d),
+        connector_flops=connectors * 2 * n * (d_v * d + d * d),
+    )
+
+
+def training_flops(
+    lm: LanguageModelConfig,
+    arch: str,
+    vision_tokens: int,
+    text_tokens: int,
+    stage: str,
+    vision_hidden_size: int = 1152,
+) -> int:
+    """Forward + backward FLOPs of one training sample, over the same matmuls as `decoder_cost(...).flops`.
+
+    Backward of a matmul costs one forward's worth per operand that needs a gradient: the input gradient
+    (dX = dY W^T) whenever a trainable parameter lies upstream of X, the weight gradient (dW = X^T dY)
+    only for trainable W. QK^T and AV have two activation operands, so their input gradients can cost
+    twice the forward.
+
+    - finetune / further-pretrain: the whole LM and the vision-side parameters train. The embedding
+      table trains too, so gradients reach the bottom of layer 0: every input and weight gradient is
+      needed, and the total is exactly 3 x forward.
+    - pretrain, vanilla: only the connector trains. It feeds layer 0's input, so every input gradient is
+      needed and no weight gradient inside the decoder is.
+    - pretrain, himix / uniform / hierarchical: only the vision-side parameters train (RMSNorm_v, W_K,v,
+      W_V,v; or the connectors). The head and layers 1..L-1 need all input gradients, because their
+      inputs depend on the vision K/V of the layers below. Layer 0 only needs the path from its output
+      down to its vision K/V: the MLP and output-projection input gradients, dP = dO V^T for all keys
+      (softmax backward needs the full row), dK and dV for the vision keys only, and the vision K/V
+      input gradient (RMSNorm_v's weight or the connector needs it). Layer 0's text Q/K/V gradients and
+      its text QKV-projection input gradient are skipped: nothing below them trains. Weight gradients:
+      himix's W_K,v / W_V,v; the variants' connectors are outside this count.
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"stage={stage!r} is not one of {list(STAGES)}")
+    cost = decoder_cost(lm, arch, vision_tokens, text_tokens, vision_hidden_size)
+    t = _layer(lm, arch, vision_tokens, text_tokens, vision_hidden_size)
+    L, forward = lm.num_layers, cost.flops
+    core = L * (t.scores + t.mix)
+    if stage != "pretrain":
+        return forward + (forward + core) + (forward - core)
+    if arch == "vanilla":
+        return forward + (forward + core)
+    per_query_key = 2 * t.queries * lm.num_attention_heads * lm.kv_channels  # one matmul, one key
+    layer0_input_grads = t.mlp + t.out + t.vision_kv + t.mix + 2 * per_query_key * t.vision_keys
+    upper_input_grads = (L - 1) * (t.qkv + t.out + t.vision_kv + t.mlp + 2 * (t.scores + t.mix))
+    head_input_grad = _head_flops(lm, arch, vision_tokens, text_tokens)
+    weight_grads = L * t.vision_kv if arch == "himix" else 0
+    return forward + head_input_grad + upper_input_grads + layer0_input_grads + weight_grads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m himix_megatron.flops",
+        description="Language-decoder parameters and forward FLOPs of one sample, as the HiMix paper counts them.",
+    )
+    parser.add_argument("--model", required=True, help="language model preset, e.g. llama3.2-1b")
+    parser.add_argument("--arch", default="himix", choices=ARCHS)
+    parser.add_argument("--vision-model", default="siglip-so400m-384", help="supplies the vision width d_v")
+    parser.add_argument(
+        "--vision-tokens", type=int, default=None, help="N (default: the vision model's feature count, 728)"
+    )
+    parser.add_argument("--text-tokens", type=int, default=64, help="M (default 64)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    args = parser.parse_args(argv)
+
+    try:
+        lm = language_model_preset(args.model)
+    except ConfigError as e:
+        parser.error(f"--model: {e}")
+    try:
+        vision = vision_model_preset(args.vision_model)
+    except ConfigError as e:
+        parser.error(f"--vision-model: {e}")
+    n = vision.num_features if args.vision_tokens is None else args.vision_tokens
+    if n < 0:
+        parser.error(f"--vision-tokens must be >= 0, got {n}")
+    if args.text_tokens < 0:
+        parser.error(f"--text-tokens must be >= 0, got {args.text_tokens}")
+
+    cost = decoder_cost(lm, args.arch, n, args.text_tokens, vision.hidden_size)
+    if args.json:
+        keys = ("params", "flops", "attn_flops", "ffn_flops")
+        print(json.dumps({k: getattr(cost, k) for k in keys}))
+        return 0
+    g = 1e9
+    print(f"{lm.name} ({args.arch}), {n} vision + {args.text_tokens} text tokens, d_v={vision.hidden_size}")
+    print(f"  decoder params   {cost.params / g:10.3f} B")
+    print(f"  forward GFLOPs   {cost.flops / g:10.1f}")
+    print(f"    attention      {cost.attn_flops / g:10.1f}")
+    print(f"    FFN            {cost.ffn_flops / g:10.1f}")
+    print(f"    LM head        {(cost.flops - cost.attn_flops - cost.ffn_flops) / g:10.1f}")
+    if cost.connector_params:
+        print(
+            f"  connector(s), not counted above: {cost.connector_params / g:.3f} B params, "
+            f"{cost.connector_flops / g:.1f} GFLOPs"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

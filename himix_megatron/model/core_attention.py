@@ -1,0 +1,67 @@
+"""Core attention for the local (non-Transformer-Engine) spec, and the TE/local choice.
+
+megatron-core's local DotProductAttention only knows square causal masks, and PyTorch SDPA's
+`is_causal=True` is aligned top-left, which would hide every text key from the first text queries
+once vision keys are prepended. HiMix needs the causal mask aligned bottom-right, which
+`torch.nn.attention.bias.causal_lower_right` gives SDPA directly (it is what flash-attn's
+`causal=True` and TE's `causal_bottom_right` do when there are more keys than queries).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+
+def te_available() -> bool:
+    """Transformer Engine spec when TE imports and a GPU is present; the local spec otherwise."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in for megatron's core attention: q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np*hn]."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs the Transformer Engine spec")
+        self.attn_mask_type = attn_mask_type
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale  # None: 1/sqrt(head_dim), SDPA's default
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias=None, packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("SDPAttention supports neither attention_bias nor packed sequences")
+        mask_type = attn_mask_type or self.attn_mask_type
+        sq, b, heads, hn = query.shape
+        # SDPA wants [b, heads, s, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if attention_mask is not None:
+            mask = ~attention_mask  # megatron: True = masked out; SDPA: True = attend
+        elif mask_type in (AttnMaskType.causal, AttnMaskType.causal_bottom_right):
+            # For sq == sk both alignments coincide; the lower-right one is correct for both.
+            mask = causal_lower_right(sq, key.shape[0])
+        else:
+            mask = None
+        dropout = self.dropout if self.training else 0.0
+        # Heads differ across TP ranks, so their dropout masks must differ too. Under sequence
+        # parallelism the whole block already runs inside the model-parallel RNG fork.
+        rng = nullcontext() if self.config.sequence_parallel else tensor_parallel.get_cuda_rng_tracker().fork()
+        with rng:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,
+                enable_gqa=k.shape[1] != heads,
+            )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)

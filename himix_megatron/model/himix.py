@@ -1,0 +1,169 @@
+"""HiMix's whole difference from a plain decoder layer (paper section 3.2, Algorithm 1).
+
+Per layer i, with X_v the raw vision-encoder features [N, b, d_v] (the same X_v for every layer) and
+h the text hidden states [M, b, d]:
+
+    x        = RMSNorm_v^i(X_v)
+    K_v, V_v = x W_K,v^i, x W_V,v^i                    (no RoPE: vision keys have no position)
+    Q, K, V  = the layer's usual QKV of h, RoPE on Q and K at text positions 0..M-1
+    out      = softmax(Q [K_v; K]^T / sqrt(head_dim)) [V_v; V]     causal, aligned bottom-right
+
+so text query j sees all N vision keys and text keys 0..j. Only text flows through the residual
+stream and the MLP. Everything else in the layer is megatron-core's TransformerLayer as specified
+by its GPT spec; `himix_layer_spec` swaps only the self-attention module.
+
+Tensor parallelism: W_K,v and W_V,v form one column-parallel linear whose output rows are grouped
+per query group, [k_g; v_g] for g = 0..G-1, exactly like the text K/V. Each TP rank thus owns the
+vision K/V of its own heads, and the only extra communication is the all-reduce of the gradient
+w.r.t. the normalised X_v, which is replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch import Tensor
+
+
+@dataclass
+class MixtureAttentionSubmodules(SelfAttentionSubmodules):
+    # RMSNorm_v; IdentityOp where the norm is fused into linear_kv_vision (Transformer Engine).
+    vision_norm: Union[ModuleSpec, type] = IdentityOp
+    # [W_K,v ; W_V,v], d_v -> 2 * n_kv_heads * head_dim, column-parallel.
+    linear_kv_vision: Union[ModuleSpec, type] = None
+
+
+class MixtureAttention(SelfAttention):
+    """Self-attention of text queries over [vision K/V ; text K/V] in one softmax."""
+
+    def __init__(self, config, submodules: MixtureAttentionSubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal_bottom_right, **kwargs):
+        super().__init__(config, submodules, layer_number, attn_mask_type, **kwargs)
+        if not getattr(config, "vision_hidden_size", 0):
+            raise ValueError("MixtureAttention needs config.vision_hidden_size (use HiMixTransformerConfig)")
+        # X_v is replicated on every TP rank, never split along the sequence, so the vision branch
+        # must not all-gather its input nor mark its norm weight as sequence-parallel.
+        vision_config = copy.copy(config)
+        vision_config.sequence_parallel = False
+        self.vision_norm = build_module(
+            submodules.vision_norm, config=vision_config,
+            hidden_size=config.vision_hidden_size, eps=config.layernorm_epsilon,
+        )
+        self.linear_kv_vision = build_module(
+            submodules.linear_kv_vision,
+            config.vision_hidden_size,
+            2 * self.kv_projection_size,
+            config=vision_config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=config.add_bias_linear or config.add_qkv_bias,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="kv_vision",
+            tp_group=self.pg_collection.tp,
+        )
+        self.vision_features: Optional[Tensor] = None  # set per call by HiMixTransformerLayer
+
+    def vision_key_value(self, vision_features: Tensor) -> tuple[Tensor, Tensor]:
+        """[N, b, d_v] -> K_v, V_v, each [N, b, groups_per_rank, head_dim]."""
+        mixed, _ = self.linear_kv_vision(self.vision_norm(vision_features))
+        mixed = mixed.view(*mixed.shape[:2], self.num_query_groups_per_partition, 2 * self.hidden_size_per_attention_head)
+        key, value = mixed.chunk(2, dim=-1)
+        return key, value
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor], key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, packed_seq_params=None, **unused):
+        if inference_context is not None or packed_seq_params is not None:
+            raise NotImplementedError(
+                "HiMix attention supports neither megatron inference contexts nor packed sequences; "
+                "generate through the Hugging Face export"
+            )
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        if rotary_pos_emb is not None:
+            q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            query = apply_rotary_pos_emb(query, q_freqs, config=self.config)
+            key = apply_rotary_pos_emb(key, k_freqs, config=self.config)
+        if self.vision_features is not None:
+            vision_key, vision_value = self.vision_key_value(self.vision_features)
+            key = torch.cat([vision_key.to(key.dtype), key], dim=0)
+            value = torch.cat([vision_value.to(value.dtype), value], dim=0)
+        # No mask tensor means the implicit bottom-right causal mask; a tensor (True = masked out)
+        # is only needed when some samples of the batch have no image.
+        mask_type = self.attn_mask_type if attention_mask is None else AttnMaskType.arbitrary
+        if self.checkpoint_core_attention and self.training:
+            context = self._checkpointed_attention_forward(query, key, value, attention_mask, attn_mask_type=mask_type)
+        else:
+            context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
+        return self.linear_proj(context)
+
+
+class HiMixTransformerLayer(TransformerLayer):
+    """megatron-core's TransformerLayer, with its `context` (X_v) also given to the self-attention.
+
+    TransformerLayer hands `context` only to cross-attention, but HiMix's vision K/V join the
+    self-attention softmax. The block passes `context` as a call argument, including through
+    activation recompute, so binding it for exactly the duration of this call stays correct when
+    the pipeline schedule interleaves micro-batches.
+    """
+
+    def forward(self, *args, context: Optional[Tensor] = None, **kwargs):
+        self.self_attention.vision_features = context
+        try:
+            return super().forward(*args, context=context, **kwargs)
+        finally:
+            self.self_attention.vision_features = None
+
+
+def himix_layer_spec(use_te: bool) -> ModuleSpec:
+    """megatron-core's GPT layer spec (TE or local) with HiMix's mixture attention swapped in."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+        )
+
+        gpt = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        core_attention, vision_norm, linear_kv_vision = TEDotProductAttention, IdentityOp, TELayerNormColumnParallelLinear
+        keys_map = {}
+    else:
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        from himix_megatron.model.core_attention import SDPAttention
+
+        gpt = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        core_attention, vision_norm, linear_kv_vision = SDPAttention, gpt.submodules.input_layernorm, ColumnParallelLinear
+        # Checkpoints use TE's fused names, so local and TE runs load each other's checkpoints.
+        keys_map = {"self_attention.vision_norm.": "self_attention.linear_kv_vision.layer_norm_"}
+
+    attention = gpt.submodules.self_attention
+    mixture = ModuleSpec(
+        module=MixtureAttention,
+        params={"attn_mask_type": AttnMaskType.causal_bottom_right},
+        submodules=MixtureAttentionSubmodules(
+            **{f.name: getattr(attention.submodules, f.name) for f in dataclasses.fields(SelfAttentionSubmodules)},
+            vision_norm=vision_norm,
+            linear_kv_vision=linear_kv_vision,
+        ),
+    )
+    mixture.submodules.core_attention = core_attention
+    layer = gpt.submodules
+    return ModuleSpec(
+        module=HiMixTransformerLayer,
+        submodules=dataclasses.replace(
+            layer,
+            self_attention=mixture,
+            sharded_state_dict_keys_map={**layer.sharded_state_dict_keys_map, **keys_map},
+        ),
+    )

@@ -1,0 +1,129 @@
+"""Process-group bootstrap: find rank and world from the launcher, start torch.distributed, and
+build megatron-core's model-parallel groups.
+
+Launchers, in the order they are recognised:
+- torchrun (and anything else that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT);
+- SLURM srun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, master = first host of SLURM_NODELIST);
+- mpirun (mpi4py: rank and size from COMM_WORLD, rank 0 picks a free port and broadcasts it).
+The CPU build of torch has no MPI backend, so MPI is used only for discovery; the collectives run
+on NCCL with GPUs and on gloo without.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from himix_megatron import cpu_compat
+from himix_megatron.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM nodelist such as 'gpu[003-005,010],cpu1' -> 'gpu003'."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise ValueError(f"cannot parse SLURM_NODELIST={nodelist!r}")
+    prefix, ranges = head.group(1), head.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def discover_launch(env: Optional[dict] = None) -> Launch:
+    """Rank, world size and rendezvous address from the launcher's environment."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "SLURM_NODELIST" not in env and "MASTER_ADDR" not in env:
+            raise RuntimeError("SLURM launch: neither SLURM_NODELIST nor MASTER_ADDR is set")
+        addr = env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_NODELIST"])
+        # A port derived from the job id, so concurrent jobs sharing a node do not collide.
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        return Launch(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+            addr, port, "slurm",
+        )
+    if any(k in env for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
+        from mpi4py import MPI  # the `mpi` extra
+
+        comm = MPI.COMM_WORLD
+        rank = comm.Get_rank()
+        addr, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+        local = int(env.get("MPI_LOCALRANKID", env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+        return Launch(rank, comm.Get_size(), local, env.get("MASTER_ADDR", addr), port, "mpi")
+    return Launch(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+def initialize(
+    parallel: ParallelConfig = ParallelConfig(),
+    *,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+    launch: Optional[Launch] = None,
+) -> Launch:
+    """Start torch.distributed and megatron-core's parallel state; idempotent per process."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu_compat.install()
+    launch = launch or discover_launch()
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if launch.world_size % model_parallel:
+        raise ValueError(
+            f"world size {launch.world_size} is not a multiple of tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {model_parallel}"
+        )
+    if not torch.distributed.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(launch.local_rank)
+        torch.distributed.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return launch
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
