@@ -5,7 +5,7 @@ embedding lookups, norms, softmax, RoPE, activations and biases count as zero; t
 excluded. What the paper's tables pin down beyond that (checked cell by cell in tests/test_flops.py):
 
 - QK^T and AV are counted in full, with no discount for the causal mask: halving them for vanilla would
-  put its Table 10 attention column 20-40% low, while full counting lands within 0.4% everywhere.
+  put its Table 10 attention column 8-32% low, while full counting is within 1.6% on every attention cell.
 - The LM head runs at every position the decoder processes (all N+M for vanilla), not only the text:
   Qwen2-0.5B vanilla at 728:64 is 837 G only with the 151936-wide head applied 792 times.
 - Table 10's attention part is the Q/K/V/O projections + QK^T + AV + (HiMix) the vision K/V projections;
@@ -52,7 +52,6 @@ class _Layer:
     mix: int  # AV
     mlp: int
     queries: int
-    keys: int  # of which the first `vision_keys` are vision tokens
     vision_keys: int
 
 
@@ -82,7 +81,6 @@ def _layer(lm: LanguageModelConfig, arch: str, n: int, m: int, d_v: int) -> _Lay
         mix=2 * tokens * (tokens + vision_in) * q,
         mlp=2 * tokens * 3 * d * lm.ffn_hidden_size,  # SwiGLU: gate, up, down
         queries=tokens,
-        keys=tokens + vision_in,
         vision_keys=vision_in,
     )
 
@@ -164,10 +162,12 @@ def training_flops(
     L, forward = lm.num_layers, cost.flops
     core = L * (t.scores + t.mix)
     if stage != "pretrain":
+        # input gradients: every matmul once, QK^T/AV twice; weight gradients: every linear once.
         return forward + (forward + core) + (forward - core)
     if arch == "vanilla":
         return forward + (forward + core)
     per_query_key = 2 * t.queries * lm.num_attention_heads * lm.kv_channels  # one matmul, one key
+    # dP = dO V^T has the shape of AV's forward; dK_v and dV_v are one key column-block each.
     layer0_input_grads = t.mlp + t.out + t.vision_kv + t.mix + 2 * per_query_key * t.vision_keys
     upper_input_grads = (L - 1) * (t.qkv + t.out + t.vision_kv + t.mlp + 2 * (t.scores + t.mix))
     head_input_grad = _head_flops(lm, arch, vision_tokens, text_tokens)

@@ -13,7 +13,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
-from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
+from himix_megatron.config import ConfigError, HiMixTransformerConfig, LanguageModelConfig
 from himix_megatron.model.core_attention import te_available
 from himix_megatron.model.himix import himix_layer_spec
 
@@ -42,6 +42,11 @@ class HiMixModel(GPTModel):
     def __init__(self, config: HiMixTransformerConfig, lm: LanguageModelConfig, *, use_te: Optional[bool] = None,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
         self.use_te = te_available() if use_te is None else use_te
+        if config.sequence_parallel and not self.use_te:
+            raise ConfigError(
+                "sequence_parallel needs the Transformer Engine spec (a GPU with transformer-engine): "
+                "megatron-core's local RMSNorm does not support it"
+            )
         super().__init__(
             config=config,
             transformer_layer_spec=himix_layer_spec(self.use_te),

@@ -1,0 +1,70 @@
+"""Tiny HiMix models and the bookkeeping to compare them across tensor-parallel sizes."""
+
+from __future__ import annotations
+
+import torch
+
+from himix_megatron.config import (
+    ParallelConfig,
+    build_transformer_config,
+    language_model_preset,
+    vision_model_preset,
+)
+
+TINY_LM = language_model_preset("tiny")
+TINY_VISION = vision_model_preset("tiny")
+
+
+def build_tiny_himix(parallel: ParallelConfig = ParallelConfig(), lm=TINY_LM, seed: int = 0, **overrides):
+    from megatron.core import tensor_parallel
+
+    from himix_megatron.model.himix_model import HiMixModel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    config = build_transformer_config(lm, TINY_VISION, parallel, use_cpu_initialization=True, **overrides)
+    return HiMixModel(config, lm)
+
+
+def tiny_batch(batch: int = 2, text_len: int = 8, seed: int = 1, lm=TINY_LM):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, lm.vocab_size, (batch, text_len + 1), generator=g)
+    vision = torch.randn(TINY_VISION.num_features, batch, TINY_VISION.hidden_size, generator=g)
+    positions = torch.arange(text_len).expand(batch, text_len)
+    return tokens[:, :-1], positions, vision, tokens[:, 1:]
+
+
+def _is_gated_fc1(name: str) -> bool:
+    return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+
+
+def shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, rank: int, size: int) -> torch.Tensor:
+    """The slice of a TP=1 tensor that TP rank `rank` of `size` holds."""
+    if not getattr(param, "tensor_model_parallel", False) or size == 1:
+        return full
+    dim = param.partition_dim
+    if _is_gated_fc1(name):  # SwiGLU fc1 is [gate; up]; each rank holds [gate_r; up_r]
+        return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)], dim=0)
+    return full.chunk(size, dim=dim)[rank]
+
+
+def unshard(name: str, pieces: list[torch.Tensor], param: torch.nn.Parameter) -> torch.Tensor:
+    """Inverse of `shard`: the TP=1 tensor from every rank's piece."""
+    if not getattr(param, "tensor_model_parallel", False) or len(pieces) == 1:
+        return pieces[0]
+    if _is_gated_fc1(name):
+        gates, ups = zip(*(p.chunk(2, dim=0) for p in pieces))
+        return torch.cat([torch.cat(gates), torch.cat(ups)])
+    return torch.cat(pieces, dim=param.partition_dim)
+
+
+def gather_tp(name: str, tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = torch.distributed.get_world_size(group)
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return tensor
+    pieces = [torch.empty_like(tensor) for _ in range(size)]
+    torch.distributed.all_gather(pieces, tensor.contiguous(), group=group)
+    return unshard(name, pieces, param)
