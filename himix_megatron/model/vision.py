@@ -1,0 +1,266 @@
+"""The frozen SigLIP vision encoder (so400m-patch14-384) on megatron-core's `CLIPViTModel`.
+
+HiMix consumes the **penultimate** layer's output, without the post-layernorm, first patch dropped:
+[N, b, d_v] = [728, b, 1152] for SigLIP-384, sequence-first like every megatron activation.
+
+Choices:
+- Penultimate layer: the encoder is built with `num_layers - 1` layers and no `ln_post`, so its
+  output *is* `hidden_states[-2]`. The last layer (15.2M), post-layernorm and pooling head (15.2M)
+  never influence HiMix, so they are not built: so400m here has 397,745,440 of SigLIP's 428,225,600
+  parameters. `load_hf_siglip_state_dict` reports their Hugging Face weights as unused.
+- Frozen: parameters have `requires_grad=False` (so DDP and the optimizer never see them), the
+  module stays in eval mode whatever `.train()` is called with, and `forward` runs under
+  `torch.no_grad()`.
+- Tensor parallelism: QKV/FC1 are column-parallel and proj/FC2 row-parallel; a row-parallel
+  linear all-reduces its output when sequence parallelism is off, so every layer's output (and so
+  the features) is already full and identical on every TP rank: no gather needed. The encoder's
+  config therefore always has `sequence_parallel=False` (CLIPViTModel does not scatter its input),
+  and `pipeline_model_parallel_size=1`: the whole encoder lives on the stage that calls it.
+- Layer spec: megatron's `get_vit_layer_with_local_spec` gives the local ViT a *causal* mask
+  (megatron-core 0.16.1), which is wrong for SigLIP; the local spec here uses `no_mask` and SDPA.
+  With Transformer Engine on a GPU, megatron's TE ViT spec (already `no_mask`) is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from torch import Tensor
+
+from himix_megatron.config import ConfigError, ParallelConfig, VisionModelConfig
+from himix_megatron.model.core_attention import SDPAttention, te_available
+
+logger = logging.getLogger(__name__)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """SigLIP's activation (`gelu_pytorch_tanh` in transformers)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def build_vision_config(
+    vision: VisionModelConfig,
+    parallel: ParallelConfig = ParallelConfig(),
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> TransformerConfig:
+    """TransformerConfig for the first `num_layers - 1` SigLIP layers, sharded over `parallel`'s TP."""
+    tp = parallel.tensor_model_parallel_size
+    if vision.num_layers < 2:
+        raise ConfigError(f"{vision.name}: num_layers={vision.num_layers}; the penultimate layer needs >= 2")
+    if vision.hidden_size % vision.num_attention_heads:
+        raise ConfigError(f"{vision.name}: hidden_size is not a multiple of num_attention_heads")
+    for field in ("num_attention_heads", "ffn_hidden_size"):
+        if getattr(vision, field) % tp:
+            raise ConfigError(
+                f"tensor_model_parallel_size={tp} does not divide {vision.name}'s {field}={getattr(vision, field)}"
+            )
+    cuda = torch.cuda.is_available()
+    fields = dict(
+        num_layers=vision.num_layers - 1,  # penultimate layer: see the module docstring
+        hidden_size=vision.hidden_size,
+        num_attention_heads=vision.num_attention_heads,
+        num_query_groups=vision.num_attention_heads,  # plain multi-head attention
+        kv_channels=vision.hidden_size // vision.num_attention_heads,
+        ffn_hidden_size=vision.ffn_hidden_size,
+        normalization="LayerNorm",
+        layernorm_epsilon=vision.norm_epsilon,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        bias_activation_fusion=False,  # megatron fuses only gelu(erf) / swiglu
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=cuda,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def vision_layer_spec() -> ModuleSpec:
+    """SigLIP encoder layer: pre-LayerNorm attention (no mask) and GELU MLP, biases everywhere."""
+    if te_available():
+        from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
+
+        return get_vit_layer_with_transformer_engine_spec()
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear, core_attention=SDPAttention, linear_proj=RowParallelLinear
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(
+                module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class VisionEncoder(CLIPViTModel):
+    """Frozen SigLIP: `forward(pixel_values [b, 3, H, W]) -> features [N, b, d_v]` (full on every TP rank)."""
+
+    def __init__(self, config: TransformerConfig, vision: VisionModelConfig, spec: Optional[ModuleSpec] = None):
+        grid = vision.image_size // vision.patch_size * vision.patch_size
+        super().__init__(
+            config,
+            spec or vision_layer_spec(),
+            ln_post_impl=IdentityOp,  # hidden_states[-2] has no post-layernorm
+            add_class_token=False,
+            class_token_len=0,
+            patch_dim=vision.patch_size,
+            # CLIPViTModel wants a whole number of patches; SigLIP-384's stride-14 'valid' conv reads
+            # 27 x 27 patches and ignores the last 384 - 378 = 6 pixel rows and columns, as in HF.
+            img_h=grid,
+            img_w=grid,
+            model_subtype="siglip",
+        )
+        self.vision = vision
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "VisionEncoder":
+        return super().train(False)  # frozen: always eval (no dropout), whatever the caller asks
+
+    @torch.no_grad()
+    def forward(self, pixel_values: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        size = self.vision.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(f"pixel_values must be [b, 3, {size}, {size}], got {tuple(pixel_values.shape)}")
+        x = super().forward(pixel_values.to(self.conv1.weight.dtype), attention_mask)  # [b, s, h]
+        return x[:, 1:].transpose(0, 1).contiguous()  # drop the first patch -> [N, b, h]
+
+
+# --- Hugging Face weights ---------------------------------------------------------------------
+
+
+class HFWeightError(ValueError):
+    """A Hugging Face tensor the encoder needs is missing or has the wrong shape."""
+
+
+_PATCH_KEY = "embeddings.patch_embedding.weight"
+# megatron layer module -> transformers SiglipEncoderLayer module (q/k/v are fused separately).
+_LAYER_NAMES = {"input_layernorm": "layer_norm1", "self_attention.linear_proj": "self_attn.out_proj",
+                "pre_mlp_layernorm": "layer_norm2", "mlp.linear_fc1": "mlp.fc1", "mlp.linear_fc2": "mlp.fc2"}
+# The TE spec fuses the pre-attention / pre-MLP LayerNorms into the following linear.
+_FROM_TE = {f"{linear}.layer_norm_{kind}": f"{norm}.{kind}" for kind in ("weight", "bias")
+            for norm, linear in (("input_layernorm", "self_attention.linear_qkv"),
+                                 ("pre_mlp_layernorm", "mlp.linear_fc1"))}
+
+
+def _vision_prefix(hf_state_dict: Mapping[str, Tensor]) -> str:
+    """'' for SiglipVisionModel, 'vision_model.' inside SiglipModel, '...vision_tower.' inside a VLM."""
+    prefixes = sorted(k[: -len(_PATCH_KEY)] for k in hf_state_dict if k.endswith(_PATCH_KEY))
+    if len(prefixes) != 1:
+        raise HFWeightError(
+            f"expected exactly one SigLIP vision tower ('*{_PATCH_KEY}') in the state dict, found {prefixes or 'none'}"
+        )
+    return prefixes[0]
+
+
+def _full_shape(param: Tensor) -> tuple[int, ...]:
+    """Shape of a parameter before megatron split it over the tensor-parallel ranks."""
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
+def load_hf_siglip_state_dict(encoder: VisionEncoder, hf_state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Copy `transformers` SigLIP vision weights into `encoder`; returns the unused HF vision keys.
+
+    Layers 0..L-2 are loaded (the encoder has L-1 layers); the last layer, `post_layernorm` and
+    `head.*` are expected to be unused and are returned (keys outside the vision tower, e.g. a
+    SiglipModel's text model, are ignored). q/k/v are fused into megatron's `linear_qkv` layout
+    (per query group: the group's q heads, then its k, then its v) and every tensor-parallel
+    parameter receives this rank's slice.
+    """
+    prefix = _vision_prefix(hf_state_dict)
+    config = encoder.config
+    groups, head_dim = config.num_query_groups, config.kv_channels
+    used: set[str] = set()
+
+    def take(name: str, shape: tuple[int, ...]) -> Tensor:
+        key = prefix + name
+        if key not in hf_state_dict:
+            raise HFWeightError(f"missing Hugging Face tensor {key!r}")
+        tensor = hf_state_dict[key]
+        if tuple(tensor.shape) != tuple(shape):
+            raise HFWeightError(
+                f"shape mismatch for Hugging Face tensor {key!r}: {tuple(tensor.shape)}, expected {tuple(shape)}"
+            )
+        used.add(key)
+        return tensor
+
+    def source(name: str, shape: tuple[int, ...]) -> Tensor:
+        """The full (unsharded) value of megatron parameter `name`, from the HF tensors."""
+        if name in ("conv1.weight", "conv1.bias"):
+            return take("embeddings.patch_embedding." + name.split(".")[-1], shape)
+        if name == "position_embeddings.weight":
+            return take("embeddings.position_embedding.weight", shape)
+        parts = name.split(".")
+        if parts[:2] != ["decoder", "layers"]:
+            raise HFWeightError(f"no Hugging Face source for encoder parameter {name!r}")
+        hf = f"encoder.layers.{int(parts[2])}."
+        local = ".".join(parts[3:])
+        local = _FROM_TE.get(local, local)
+        kind = local.rsplit(".", 1)[-1]  # weight / bias
+        if local.startswith("self_attention.linear_qkv."):
+            rest = shape[1:]
+            q = take(f"{hf}self_attn.q_proj.{kind}", (config.num_attention_heads * head_dim, *rest))
+            k = take(f"{hf}self_attn.k_proj.{kind}", (groups * head_dim, *rest))
+            v = take(f"{hf}self_attn.v_proj.{kind}", (groups * head_dim, *rest))
+            fused = torch.cat([t.reshape(groups, -1, *rest) for t in (q, k, v)], dim=1)
+            return fused.reshape(shape)
+        module = local.rsplit(".", 1)[0]
+        if module not in _LAYER_NAMES:
+            raise HFWeightError(f"no Hugging Face source for encoder parameter {name!r}")
+        return take(f"{hf}{_LAYER_NAMES[module]}.{kind}", shape)
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            full = source(name, _full_shape(param))
+            if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
+                full = full.chunk(tp_size, dim=param.partition_dim)[tp_rank]
+            param.copy_(full)
+    unused = sorted(k for k in hf_state_dict if k.startswith(prefix) and k not in used)
+    logger.info("loaded %d SigLIP tensors; unused (expected: last layer, post_layernorm, head): %s",
+                len(used), unused)
+    return unused
