@@ -1,0 +1,148 @@
+"""Fixtures for the data tests: real tokenizers trained here, small LLaVA-format inputs, built shards.
+
+Everything is generated in temporary directories; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from himix_megatron.data.templates import DEFAULT_SYSTEMS
+
+CORPUS = [
+    DEFAULT_SYSTEMS["vicuna_v1"],
+    DEFAULT_SYSTEMS["llama3"],
+    DEFAULT_SYSTEMS["qwen2"],
+    "USER: What is in the image? ASSISTANT: A red circle.",
+    "USER: Where is it? ASSISTANT: On the left.",
+    "What colour is the shape? Which shape is it? Describe the picture briefly.",
+    "A green square on a dark background. A blue triangle in the middle.",
+    "system user assistant the a is it on in of and to",
+] * 20
+
+CHAT_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                 "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+
+@pytest.fixture(scope="session")
+def sp_path(tmp_path_factory) -> str:
+    """A real sentencepiece model configured like LLaMA's: byte fallback, no whitespace folding,
+    unk=0 bos=1 eos=2 and no pad piece."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=300, hard_vocab_limit=False,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    return str(d / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def sp_tok(sp_path):
+    from himix_megatron.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(sp_path)
+
+
+@pytest.fixture(scope="session")
+def bpe_path(tmp_path_factory) -> str:
+    """A byte-level BPE tokenizer.json (the Llama-3 / Qwen2 family) with their chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=CHAT_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    d = tmp_path_factory.mktemp("bpe")
+    tok.save(str(d / "tokenizer.json"))
+    return str(d / "tokenizer.json")
+
+
+def png_bytes(rgb=(200, 30, 30), size=(12, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(seed=0, size=(16, 16)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def conv(q="<image>\nWhat is in the image?", a="A red circle.", *more):
+    turns = [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    for i, v in enumerate(more):
+        turns.append({"from": "human" if i % 2 == 0 else "gpt", "value": v})
+    return turns
+
+
+def write_llava(tmp_path, records, images: dict) -> tuple[str, str]:
+    """Write `records` as a LLaVA JSON file and `images` {relative path: bytes} under an image folder."""
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    for rel, data in images.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return str(path), str(folder)
+
+
+@pytest.fixture(scope="session")
+def uniform_shards(tmp_path_factory):
+    """48 valid samples (ids s00..s47; every third one text-only) in shards of 10 records."""
+    from himix_megatron.data.build import BuildConfig, build_shards
+
+    tmp = tmp_path_factory.mktemp("uniform")
+    records, images = [], {}
+    for i in range(48):
+        rec = {"id": f"s{i:02d}", "conversations": conv(f"<image>\nQuestion {i}?", f"Answer {i}.")}
+        if i % 3 == 2:
+            rec["conversations"] = conv(f"Question {i}?", f"Answer {i}.")
+        else:
+            rec["image"] = f"{i}.png"
+            images[f"{i}.png"] = png_bytes((i * 5, 100, 200 - i), (8 + i % 5, 8))
+        records.append(rec)
+    path, folder = write_llava(tmp, records, images)
+    out = str(tmp / "shards")
+    build_shards(BuildConfig(output=out, json=(path,), image_folder=folder, maxcount=10, progress=False))
+    return out
+
+
+def loader_config(paths, **kw):
+    from himix_megatron.data import DatasetSpec, ImageConfig, LoaderConfig, TemplateConfig
+
+    specs = tuple(p if not isinstance(p, str) else DatasetSpec.of(p) for p in (paths if isinstance(paths, list) else [paths]))
+    base = dict(datasets=specs, micro_batch_size=4, seq_length=64, template=TemplateConfig("vicuna_v1", system=""),
+                image=ImageConfig(size=16), num_workers=0, seed=7)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def ids_of(batches):
+    return [i for b in batches for i in b["ids"]]
+
+
+@pytest.fixture
+def helpers():
+    """Plain functions shared by the test modules (kept here: no importable helper module needed)."""
+
+    class H:
+        pass
+
+    for f in (png_bytes, jpeg_bytes, conv, write_llava, loader_config, ids_of):
+        setattr(H, f.__name__, staticmethod(f))
+    return H
