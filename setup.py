@@ -24,6 +24,9 @@ setup(
         "einops",
         "tqdm",
         "tensorboard",
+        # dist_checkpointing's async writers log memory through psutil; without it they fail
+        # before signalling completion and save() waits forever.
+        "psutil",
         "pyarrow",
     ],
     extras_require={

@@ -16,8 +16,8 @@ What it handles (numbered as in DESIGN.md section 4):
 4. Gloo matches isend/irecv by (peer, tag) in posting order. With interleaved PP=2 the previous and
    the next stage are the same rank, so the batched p2p path, which tags everything 0, swaps
    activations and gradients of equal shape without an error. Batched p2p here tags each direction.
-5. Distributed-optimizer checkpoint load with torch.optim (no TE/apex): see `himix_megatron.training`
-   (it is a fix to the optimizer state path, not a device shim, so it lives with the optimizer code).
+5. Distributed-optimizer checkpoint load with torch.optim (no TE/apex) is not CPU-specific and
+   lives in `himix_megatron.optim_compat`; `platform.initialize` installs both.
 """
 
 from __future__ import annotations

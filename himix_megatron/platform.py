@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from himix_megatron import cpu_compat
+from himix_megatron import cpu_compat, optim_compat
 from himix_megatron.config import ParallelConfig
 
 
@@ -91,6 +91,7 @@ def initialize(
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.install()
+    optim_compat.install_distrib_optimizer_fixes()
     launch = launch or discover_launch()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if launch.world_size % model_parallel:
