@@ -15,15 +15,22 @@ TINY_LM = language_model_preset("tiny")
 TINY_VISION = vision_model_preset("tiny")
 
 
-def build_tiny_himix(parallel: ParallelConfig = ParallelConfig(), lm=TINY_LM, seed: int = 0, **overrides):
+def build_tiny(arch: str = "himix", parallel: ParallelConfig = ParallelConfig(), lm=TINY_LM, seed: int = 0,
+               **overrides):
+    """A tiny HiMix decoder or vanilla LLaVA baseline with seeded weights."""
     from megatron.core import tensor_parallel
 
     from himix_megatron.model.himix_model import HiMixModel
+    from himix_megatron.model.vanilla import VanillaLLaVAModel
 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    config = build_transformer_config(lm, TINY_VISION, parallel, use_cpu_initialization=True, **overrides)
-    return HiMixModel(config, lm)
+    config = build_transformer_config(lm, TINY_VISION, parallel, arch=arch, use_cpu_initialization=True, **overrides)
+    return {"himix": HiMixModel, "vanilla": VanillaLLaVAModel}[arch](config, lm)
+
+
+def build_tiny_himix(parallel: ParallelConfig = ParallelConfig(), lm=TINY_LM, seed: int = 0, **overrides):
+    return build_tiny("himix", parallel, lm, seed, **overrides)
 
 
 def tiny_batch(batch: int = 2, text_len: int = 8, seed: int = 1, lm=TINY_LM):

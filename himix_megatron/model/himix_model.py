@@ -13,15 +13,9 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
-from himix_megatron.config import ConfigError, HiMixTransformerConfig, LanguageModelConfig
-from himix_megatron.model.core_attention import te_available
+from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
+from himix_megatron.model.common import check_vision_features, choose_spec, gpt_model_kwargs
 from himix_megatron.model.himix import himix_layer_spec
-
-
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
-    """Megatron-LM's padding: a multiple of divisible_by * TP, so every TP shard is equal and aligned."""
-    multiple = divisible_by * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def mixture_attention_mask(text_len: int, vision_len: int, image_present: Tensor) -> Tensor:
@@ -41,25 +35,13 @@ class HiMixModel(GPTModel):
 
     def __init__(self, config: HiMixTransformerConfig, lm: LanguageModelConfig, *, use_te: Optional[bool] = None,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
-        self.use_te = te_available() if use_te is None else use_te
-        if config.sequence_parallel and not self.use_te:
-            raise ConfigError(
-                "sequence_parallel needs the Transformer Engine spec (a GPU with transformer-engine): "
-                "megatron-core's local RMSNorm does not support it"
-            )
+        self.use_te = choose_spec(config, use_te)
         super().__init__(
-            config=config,
             transformer_layer_spec=himix_layer_spec(self.use_te),
-            vocab_size=padded_vocab_size(lm.vocab_size, config.tensor_model_parallel_size),
-            max_sequence_length=lm.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
-            share_embeddings_and_output_weights=lm.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_base=lm.rotary_base,
-            rope_scaling=lm.rope_scaling_factor is not None,
-            rope_scaling_factor=lm.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
+            **gpt_model_kwargs(config, lm),
         )
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
@@ -73,7 +55,8 @@ class HiMixModel(GPTModel):
         """
         attention_mask = None
         if vision_features is not None:
-            self._check_vision_features(vision_features, input_ids, decoder_input)
+            check_vision_features(vision_features, self.config.vision_hidden_size,
+                                  input_ids.shape[0] if input_ids is not None else None)
             if image_present is not None and not bool(image_present.all()):
                 text_len = input_ids.shape[1] if input_ids is not None else decoder_input.shape[0]
                 attention_mask = mixture_attention_mask(text_len, vision_features.shape[0], image_present)
@@ -81,17 +64,3 @@ class HiMixModel(GPTModel):
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             extra_block_kwargs={"context": vision_features},
         )
-
-    def _check_vision_features(self, vision_features: Tensor, input_ids: Optional[Tensor],
-                               decoder_input: Optional[Tensor]) -> None:
-        expected_width = self.config.vision_hidden_size
-        if vision_features.dim() != 3 or vision_features.shape[-1] != expected_width:
-            raise ValueError(
-                f"vision_features must be [N, b, d_v={expected_width}], got {tuple(vision_features.shape)}"
-            )
-        batch = input_ids.shape[0] if input_ids is not None else None
-        if batch is not None and vision_features.shape[1] != batch:
-            raise ValueError(
-                f"vision_features batch {vision_features.shape[1]} != input_ids batch {batch} "
-                "(vision_features is sequence-first: [N, b, d_v])"
-            )

@@ -1,0 +1,54 @@
+"""What the HiMix decoder and the vanilla LLaVA baseline share: GPTModel arguments and input checks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from himix_megatron.config import ConfigError, HiMixTransformerConfig, LanguageModelConfig
+from himix_megatron.model.core_attention import te_available
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
+    """Megatron-LM's padding: a multiple of divisible_by * TP, so every TP shard is equal and aligned."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def choose_spec(config: HiMixTransformerConfig, use_te: Optional[bool]) -> bool:
+    """Transformer Engine spec or local; refuses what the chosen spec cannot do."""
+    use_te = te_available() if use_te is None else use_te
+    if not getattr(config, "vision_hidden_size", 0):
+        raise ConfigError("config.vision_hidden_size is not set (build it with build_transformer_config)")
+    if config.sequence_parallel and not use_te:
+        raise ConfigError(
+            "sequence_parallel needs the Transformer Engine spec (a GPU with transformer-engine): "
+            "megatron-core's local RMSNorm does not support it"
+        )
+    return use_te
+
+
+def gpt_model_kwargs(config: HiMixTransformerConfig, lm: LanguageModelConfig) -> dict:
+    """GPTModel arguments for a Llama/Qwen2-family decoder described by `lm`."""
+    return dict(
+        config=config,
+        vocab_size=padded_vocab_size(lm.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=lm.max_position_embeddings,
+        share_embeddings_and_output_weights=lm.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=lm.rotary_base,
+        rope_scaling=lm.rope_scaling_factor is not None,
+        rope_scaling_factor=lm.rope_scaling_factor or 8.0,
+    )
+
+
+def check_vision_features(vision_features: Tensor, width: int, batch: Optional[int]) -> None:
+    """X_v must be [N, b, d_v], sequence-first like every megatron activation."""
+    if vision_features.dim() != 3 or vision_features.shape[-1] != width:
+        raise ValueError(f"vision_features must be [N, b, d_v={width}], got {tuple(vision_features.shape)}")
+    if batch is not None and vision_features.shape[1] != batch:
+        raise ValueError(
+            f"vision_features batch {vision_features.shape[1]} != input_ids batch {batch} "
+            "(vision_features is sequence-first: [N, b, d_v])"
+        )

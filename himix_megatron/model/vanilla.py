@@ -1,0 +1,142 @@
+"""The vanilla LLaVA baseline on the same stack as HiMix (DESIGN.md section 1, issue 3 item 3).
+
+    X_v [N, b, d_v] -> connector Linear(d_v, d) -> GELU -> Linear(d, d)        (LLaVA's mlp2x_gelu)
+    decoder input    = [connector(X_v) ; embed(text)]                          [N+M, b, d]
+    decoder          = megatron-core GPTModel, causal over all N+M tokens, RoPE positions 0..N+M-1
+
+The image sits in front of the text because the data pipeline moves the `<image>` placeholder to the front
+of the first question (the LLaVA convention). Loss and returned logits cover the M text positions only.
+
+Why not megatron-core's `LLaVAModel`: its projector is built only together with its vision encoder
+(`add_encoder=True`), so it cannot take the precomputed, frozen SigLIP features that HiMix consumes; it
+splices image embeddings at an `image_token_index` inside `input_ids` and returns (loss, loss_mask) over the
+combined sequence, where HiMix returns loss over text only. It also asserts TE attention for SP/CP. This
+model reuses its pieces instead: the same `MultimodalProjector` ("mlp" type, parameter names
+`vision_projection.encoder.linear_fc{1,2}` as in LLaVAModel checkpoints) and GPTModel with
+`scatter_embedding_sequence_parallel=False`, scattering after the concatenation, as LLaVAModel does.
+
+Core attention is HiMix's: `SDPAttention` in megatron's local GPT spec, TEDotProductAttention in the TE
+spec, so a benchmark of the two compares architectures, not kernels. The LM head runs at all N+M positions
+(as in LLaVAModel and transformers' LLaVA, and as the paper's FLOPs count it); cross entropy runs on the
+text positions only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from torch import Tensor
+
+from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
+from himix_megatron.model.common import check_vision_features, choose_spec, gpt_model_kwargs
+
+
+def vanilla_layer_spec(use_te: bool) -> ModuleSpec:
+    """megatron-core's GPT layer spec; on the local spec, core attention is HiMix's SDPAttention."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from himix_megatron.model.core_attention import SDPAttention
+
+    gpt = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = gpt.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+    )
+    return dataclasses.replace(gpt, submodules=dataclasses.replace(gpt.submodules, self_attention=attention))
+
+
+def connector_config(config: HiMixTransformerConfig) -> HiMixTransformerConfig:
+    """The 2-layer GELU MLP's config: d_v -> d -> d, with biases, not gated.
+
+    X_v is replicated on every TP rank (never split along the sequence), so the connector neither gathers
+    its input nor reduce-scatters its output.
+    """
+    c = copy.copy(config)
+    c.ffn_hidden_size = config.hidden_size
+    c.gated_linear_unit = False
+    c.activation_func = F.gelu
+    c.add_bias_linear = True
+    c.sequence_parallel = False
+    return c
+
+
+def connector_submodules(use_te: bool) -> MLPSubmodules:
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+    return MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear, linear_fc2=tensor_parallel.RowParallelLinear)
+
+
+def vanilla_attention_mask(text_len: int, vision_len: int, image_present: Tensor) -> Tensor:
+    """[b, 1, S, S] causal mask (True = masked out) where imageless samples' text ignores the image block."""
+    s = vision_len + text_len
+    mask = torch.ones(s, s, dtype=torch.bool, device=image_present.device).triu(1)
+    mask = mask.expand(image_present.shape[0], 1, s, s).clone()
+    mask[~image_present.bool(), :, vision_len:, :vision_len] = True
+    return mask
+
+
+class VanillaLLaVAModel(GPTModel):
+    """Same interface as HiMixModel: text ids/labels [b, M], X_v [N, b, d_v]; loss (or logits) [b, M(, V)]."""
+
+    def __init__(self, config: HiMixTransformerConfig, lm: LanguageModelConfig, *, use_te: Optional[bool] = None,
+                 pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
+        self.use_te = choose_spec(config, use_te)
+        super().__init__(
+            transformer_layer_spec=vanilla_layer_spec(self.use_te),
+            pre_process=pre_process,
+            post_process=post_process,
+            scatter_embedding_sequence_parallel=False,  # scattered after [image; text] is assembled
+            vp_stage=vp_stage,
+            **gpt_model_kwargs(config, lm),
+        )
+        self.vision_projection = None
+        if pre_process:
+            self.vision_projection = MultimodalProjector(
+                connector_config(config), connector_submodules(self.use_te), "mlp", config.vision_hidden_size,
+                tp_group=self.pg_collection.tp,
+            )
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,
+                decoder_input: Optional[Tensor] = None) -> Tensor:
+        """
+        input_ids, position_ids, labels: [b, M] text only (no image placeholder).
+        vision_features: [N, b, d_v] raw encoder features, or None for a text-only batch (N = 0).
+            Later pipeline stages need it (or a tensor of its shape) only when image_present is given.
+        Returns per-token loss [b, M] when labels are given, else text logits [b, M, V].
+        """
+        text_len = labels.shape[1] if labels is not None else input_ids.shape[1]
+        if self.pre_process and decoder_input is None:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [M, b, d]
+            if vision_features is not None:
+                check_vision_features(vision_features, self.config.vision_hidden_size, input_ids.shape[0])
+                image = self.vision_projection(vision_features.to(decoder_input.dtype))
+                decoder_input = torch.cat([image, decoder_input], dim=0)
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        attention_mask = None
+        if vision_features is not None and image_present is not None and not bool(image_present.all()):
+            if self.use_te:
+                raise NotImplementedError("mixed image/text-only batches need the local spec for the vanilla model")
+            attention_mask = vanilla_attention_mask(text_len, vision_features.shape[0], image_present)
+        output = super().forward(None, None, attention_mask, decoder_input=decoder_input, labels=labels)
+        if labels is None and self.post_process:
+            return output[:, -text_len:]
+        return output
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        # logits [N+M, b, V]: the text is the last M positions; no loss on the image block.
+        return super().compute_language_model_loss(labels, logits[-labels.shape[1]:])

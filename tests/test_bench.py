@@ -1,0 +1,45 @@
+"""tools/bench.py end to end at a toy size: every figure is printed and the last line is `realized: X`.
+
+Timing is not asserted: the machine is shared and the toy model is all overhead.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow  # subprocesses: the benchmark and its fresh-process memory probes
+def test_bench_prints_every_figure():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--hidden", "64", "--layers", "2", "--heads", "4",
+         "--kv-groups", "2", "--vocab", "512", "--vision-width", "48", "--ratios", "15:8,15:16",
+         "--repeats", "1", "--warmup", "0"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    lines = text.strip().splitlines()
+    assert re.fullmatch(r"realized: \d+\.\d\d", lines[-1]), lines[-1]
+    for ratio in ("15:8", "15:16"):
+        assert f"V:L = {ratio}" in text
+    number = r"\d+\.\d+"
+    for pattern in (
+        rf"himix +step median +{number} s",
+        rf"vanilla +step median +{number} s",
+        rf"speedup \(vanilla/himix time\): {number}x",
+        rf"FLOP ratio \(vanilla/himix, finetune train step incl\. connector\): {number}x",
+        rf"forward, paper Table 5 rule {number}x",
+        rf"realization \(speedup / FLOP ratio\): {number}",
+        r"peak memory, RSS of a fresh process over 2 steps: himix \d+ MiB .*vanilla \d+ MiB",
+        rf"saved for backward \(activations\): himix {number} MiB, vanilla {number} MiB",
+    ):
+        assert len(re.findall(pattern, text)) == 2, f"{pattern!r} not printed once per ratio:\n{text}"
+    realizations = [float(x) for x in re.findall(rf"realization \(speedup / FLOP ratio\): ({number})", text)]
+    assert float(lines[-1].split()[1]) == round(min(realizations), 2)
