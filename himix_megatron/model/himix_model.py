@@ -33,6 +33,12 @@ def mixture_attention_mask(text_len: int, vision_len: int, image_present: Tensor
 class HiMixModel(GPTModel):
     """Text tokens in, per-token loss (or logits) out; vision features [N, b, d_v] in every layer."""
 
+    vision_on_every_stage = True  # every layer reads X_v, so every pipeline stage needs it
+
+    @staticmethod
+    def decoder_sequence_length(text_len: int, vision_len: int) -> int:
+        return text_len  # the image never enters the sequence
+
     def __init__(self, config: HiMixTransformerConfig, lm: LanguageModelConfig, *, use_te: Optional[bool] = None,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
         self.use_te = choose_spec(config, use_te)

@@ -91,6 +91,12 @@ def vanilla_attention_mask(text_len: int, vision_len: int, image_present: Tensor
 class VanillaLLaVAModel(GPTModel):
     """Same interface as HiMixModel: text ids/labels [b, M], X_v [N, b, d_v]; loss (or logits) [b, M(, V)]."""
 
+    vision_on_every_stage = False  # the connector output enters the sequence on the first stage
+
+    @staticmethod
+    def decoder_sequence_length(text_len: int, vision_len: int) -> int:
+        return vision_len + text_len
+
     def __init__(self, config: HiMixTransformerConfig, lm: LanguageModelConfig, *, use_te: Optional[bool] = None,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
         self.use_te = choose_spec(config, use_te)
