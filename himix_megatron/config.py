@@ -170,9 +170,10 @@ def validate(lm: LanguageModelConfig, parallel: ParallelConfig, arch: str = "him
 
 @dataclass
 class HiMixTransformerConfig(TransformerConfig):
-    """megatron-core's TransformerConfig plus the one fact HiMix layers need: the vision width d_v."""
+    """megatron-core's TransformerConfig plus what HiMix layers need: the vision width d_v and the arch."""
 
     vision_hidden_size: int = 0
+    arch: str = "himix"
 
 
 def build_transformer_config(
@@ -225,6 +226,7 @@ def build_transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=cuda,
         vision_hidden_size=vision.hidden_size,
+        arch=arch,
     )
     fields.update(overrides)
     return HiMixTransformerConfig(**fields)

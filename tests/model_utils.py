@@ -17,16 +17,15 @@ TINY_VISION = vision_model_preset("tiny")
 
 def build_tiny(arch: str = "himix", parallel: ParallelConfig = ParallelConfig(), lm=TINY_LM, seed: int = 0,
                **overrides):
-    """A tiny HiMix decoder or vanilla LLaVA baseline with seeded weights."""
+    """A tiny decoder of any arch with seeded weights."""
     from megatron.core import tensor_parallel
 
-    from himix_megatron.model.himix_model import HiMixModel
-    from himix_megatron.model.vanilla import VanillaLLaVAModel
+    from himix_megatron.model import model_class
 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     config = build_transformer_config(lm, TINY_VISION, parallel, arch=arch, use_cpu_initialization=True, **overrides)
-    return {"himix": HiMixModel, "vanilla": VanillaLLaVAModel}[arch](config, lm)
+    return model_class(arch)(config, lm)
 
 
 def build_tiny_himix(parallel: ParallelConfig = ParallelConfig(), lm=TINY_LM, seed: int = 0, **overrides):

@@ -6,7 +6,7 @@ import torch
 
 from model_utils import TINY_LM, TINY_VISION, build_tiny, tiny_batch
 
-pytestmark = [pytest.mark.usefixtures("single_rank"), pytest.mark.parametrize("arch", ["himix", "vanilla"])]
+pytestmark = [pytest.mark.usefixtures("single_rank"), pytest.mark.parametrize("arch", ["himix", "vanilla", "uniform", "hierarchical"])]
 
 
 def test_text_token_sees_no_later_text_and_every_vision_token(arch):

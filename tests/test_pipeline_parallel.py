@@ -20,7 +20,7 @@ def _microbatches(arch):
         loss_mask = torch.ones_like(labels, dtype=torch.float)
         loss_mask[:, -2:] = 0  # as padding would: masked tokens must not count
         # Every other micro-batch has a sample without an image (HiMix only: see pipeline.py).
-        present = torch.tensor([True, k % 2 == 0]) if arch == "himix" else None
+        present = torch.tensor([True, k % 2 == 0]) if arch != "vanilla" else None
         batches.append(MicroBatch(tokens, positions, labels, loss_mask, images=vision, image_present=present))
     return batches
 
@@ -29,15 +29,13 @@ def _run(arch, parallel, weights=None):
     """Build this rank's chunks (loading `weights`, TP=1 names, if given), run one step; report."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from himix_megatron.model.himix_model import HiMixModel
-    from himix_megatron.model.vanilla import VanillaLLaVAModel
+    from himix_megatron.model import model_class
     from himix_megatron.parallel.pipeline import build_model_chunks, forward_backward
 
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     torch.manual_seed(0)
     config = build_transformer_config(TINY_LM, TINY_VISION, parallel, arch=arch, use_cpu_initialization=True)
-    model_cls = {"himix": HiMixModel, "vanilla": VanillaLLaVAModel}[arch]
-    chunks = build_model_chunks(model_cls, config, TINY_LM)
+    chunks = build_model_chunks(model_class(arch), config, TINY_LM)
     tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel.tensor_model_parallel_size
 
     def global_names(chunk):
@@ -86,10 +84,10 @@ LAYOUTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("arch", ["himix", "vanilla"])
+@pytest.mark.parametrize("arch", ["himix", "vanilla", "hierarchical"])
 def test_pipeline_matches_single_rank(arch, layout):
-    if arch == "vanilla" and layout == "tp2xpp2":
-        pytest.skip("covered by pp2 plus the TP tests; keeps the suite short")
+    if arch != "himix" and layout != "pp2":
+        pytest.skip("the other layouts are covered by himix plus the TP tests; keeps the suite short")
     parallel = LAYOUTS[layout]
     [reference] = run_world(1, ParallelConfig(), _run, arch, ParallelConfig())
     world = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size

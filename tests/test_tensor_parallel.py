@@ -38,7 +38,7 @@ def _tp_run(arch, parallel, weights, image_present):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mixed_images", [False, True], ids=["tp2", "tp2-some-samples-without-image"])
-@pytest.mark.parametrize("arch", ["himix", "vanilla"])
+@pytest.mark.parametrize("arch", ["himix", "vanilla", "uniform", "hierarchical"])
 def test_tp2_matches_tp1(arch, mixed_images):
     image_present = torch.tensor([True, False]) if mixed_images else None
     [(weights, ref_loss, ref_grads)] = run_world(1, ParallelConfig(), _reference_run, arch, image_present)
@@ -51,5 +51,7 @@ def test_tp2_matches_tp1(arch, mixed_images):
             torch.testing.assert_close(grads[name], ref, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
     # The vision branch really trained: its gradients are not trivially zero.
     vision_weight = {"himix": "decoder.layers.0.self_attention.linear_kv_vision.weight",
-                     "vanilla": "vision_projection.encoder.linear_fc1.weight"}[arch]
+                     "vanilla": "vision_projection.encoder.linear_fc1.weight",
+                     "uniform": "vision_projection.encoder.linear_fc1.weight",
+                     "hierarchical": "decoder.layers.0.self_attention.vision_connector.linear_fc1.weight"}[arch]
     assert ref_grads[vision_weight].abs().sum() > 0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.mlp import MLPSubmodules
 from torch import Tensor
 
 from himix_megatron.config import ConfigError, HiMixTransformerConfig, LanguageModelConfig
@@ -52,3 +56,26 @@ def check_vision_features(vision_features: Tensor, width: int, batch: Optional[i
             f"vision_features batch {vision_features.shape[1]} != input_ids batch {batch} "
             "(vision_features is sequence-first: [N, b, d_v])"
         )
+
+
+def connector_config(config: HiMixTransformerConfig) -> HiMixTransformerConfig:
+    """A LLaVA connector's config: 2-layer GELU MLP d_v -> d -> d, with biases, not gated.
+
+    Its input X_v is replicated on every TP rank, never split along the sequence, so it neither gathers
+    its input nor reduce-scatters its output.
+    """
+    c = copy.copy(config)
+    c.ffn_hidden_size = config.hidden_size
+    c.gated_linear_unit = False
+    c.activation_func = F.gelu
+    c.add_bias_linear = True
+    c.sequence_parallel = False
+    return c
+
+
+def connector_submodules(use_te: bool) -> MLPSubmodules:
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+    return MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear, linear_fc2=tensor_parallel.RowParallelLinear)

@@ -12,6 +12,11 @@ so text query j sees all N vision keys and text keys 0..j. Only text flows throu
 stream and the MLP. Everything else in the layer is megatron-core's TransformerLayer as specified
 by its GPT spec; `himix_layer_spec` swaps only the self-attention module.
 
+The paper's ablations (Fig. 4) are switches of the same module: "hierarchical" gives each layer a
+2-layer MLP connector d_v -> d -> d and pushes its output through the layer's own text K/V projection;
+"uniform" does the same with one connector shared by all layers (applied once by the model, so each
+layer receives width-d features). Neither has RMSNorm_v or dedicated W_K,v / W_V,v.
+
 Tensor parallelism: W_K,v and W_V,v form one column-parallel linear whose output rows are grouped
 per query group, [k_g; v_g] for g = 0..G-1, exactly like the text K/V. Each TP rank thus owns the
 vision K/V of its own heads, and the only extra communication is the all-reduce of the gradient
@@ -26,21 +31,29 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
+
+from himix_megatron.model.common import connector_config, connector_submodules
 
 
 @dataclass
 class MixtureAttentionSubmodules(SelfAttentionSubmodules):
     # RMSNorm_v; IdentityOp where the norm is fused into linear_kv_vision (Transformer Engine).
     vision_norm: Union[ModuleSpec, type] = IdentityOp
-    # [W_K,v ; W_V,v], d_v -> 2 * n_kv_heads * head_dim, column-parallel.
-    linear_kv_vision: Union[ModuleSpec, type] = None
+    # [W_K,v ; W_V,v], d_v -> 2 * n_kv_heads * head_dim, column-parallel. None: the variants, which use
+    # the K/V rows of the layer's own linear_qkv instead.
+    linear_kv_vision: Union[ModuleSpec, type, None] = None
+    # "hierarchical" only: this layer's connector, d_v -> d -> d.
+    vision_connector: Union[ModuleSpec, None] = None
 
 
 class MixtureAttention(SelfAttention):
@@ -58,28 +71,52 @@ class MixtureAttention(SelfAttention):
         self.vision_norm = build_module(
             submodules.vision_norm, config=vision_config,
             hidden_size=config.vision_hidden_size, eps=config.layernorm_epsilon,
-        )
-        self.linear_kv_vision = build_module(
-            submodules.linear_kv_vision,
-            config.vision_hidden_size,
-            2 * self.kv_projection_size,
-            config=vision_config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=config.add_bias_linear or config.add_qkv_bias,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="kv_vision",
-            tp_group=self.pg_collection.tp,
-        )
+        )  # IdentityOp for the variants
+        self.linear_kv_vision = None
+        if submodules.linear_kv_vision is not None:
+            self.linear_kv_vision = build_module(
+                submodules.linear_kv_vision,
+                config.vision_hidden_size,
+                2 * self.kv_projection_size,
+                config=vision_config,
+                init_method=config.init_method,
+                gather_output=False,
+                bias=config.add_bias_linear or config.add_qkv_bias,
+                skip_bias_add=False,
+                is_expert=False,
+                tp_comm_buffer_name="kv_vision",
+                tp_group=self.pg_collection.tp,
+            )
+        self.vision_connector = None
+        if submodules.vision_connector is not None:
+            self.vision_connector = build_module(
+                submodules.vision_connector, config=connector_config(config), input_size=config.vision_hidden_size,
+                tp_group=self.pg_collection.tp,
+            )
         self.vision_features: Optional[Tensor] = None  # set per call by HiMixTransformerLayer
 
     def vision_key_value(self, vision_features: Tensor) -> tuple[Tensor, Tensor]:
-        """[N, b, d_v] -> K_v, V_v, each [N, b, groups_per_rank, head_dim]."""
-        mixed, _ = self.linear_kv_vision(self.vision_norm(vision_features))
+        """[N, b, width] -> K_v, V_v, each [N, b, groups_per_rank, head_dim]."""
+        if self.vision_connector is not None:
+            # megatron's MLP hands back fc2's bias separately, for fusion into a residual add.
+            vision_features, bias = self.vision_connector(vision_features)
+            vision_features = vision_features if bias is None else vision_features + bias
+        x = self.vision_norm(vision_features)
+        mixed = self.linear_kv_vision(x)[0] if self.linear_kv_vision is not None else self._shared_key_value(x)
         mixed = mixed.view(*mixed.shape[:2], self.num_query_groups_per_partition, 2 * self.hidden_size_per_attention_head)
         key, value = mixed.chunk(2, dim=-1)
         return key, value
+
+    def _shared_key_value(self, x: Tensor) -> Tensor:
+        """The variants: vision K/V from the K and V rows of this layer's text QKV projection."""
+        groups = self.num_query_groups_per_partition
+        per_group = self.num_attention_heads_per_partition // groups
+        hn = self.hidden_size_per_attention_head
+        rows = lambda t: t.view(groups, per_group + 2, hn, *t.shape[1:])[:, per_group:].reshape(-1, *t.shape[1:])  # noqa: E731
+        weight, bias = self.linear_qkv.weight, getattr(self.linear_qkv, "bias", None)
+        # x is replicated over the TP group; each rank's K/V rows see all of it, so its gradient sums.
+        x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.pg_collection.tp)
+        return F.linear(x, rows(weight), rows(bias) if bias is not None and bias.numel() else None)
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor], key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, packed_seq_params=None, **unused):
@@ -124,7 +161,7 @@ class HiMixTransformerLayer(TransformerLayer):
             self.self_attention.vision_features = None
 
 
-def himix_layer_spec(use_te: bool) -> ModuleSpec:
+def himix_layer_spec(use_te: bool, arch: str = "himix") -> ModuleSpec:
     """megatron-core's GPT layer spec (TE or local) with HiMix's mixture attention swapped in."""
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -147,6 +184,8 @@ def himix_layer_spec(use_te: bool) -> ModuleSpec:
         # Checkpoints use TE's fused names, so local and TE runs load each other's checkpoints.
         keys_map = {"self_attention.vision_norm.": "self_attention.linear_kv_vision.layer_norm_"}
 
+    if arch != "himix":  # the Fig. 4 variants: shared K/V projection, no RMSNorm_v
+        vision_norm, linear_kv_vision, keys_map = IdentityOp, None, {}
     attention = gpt.submodules.self_attention
     mixture = ModuleSpec(
         module=MixtureAttention,
@@ -155,6 +194,7 @@ def himix_layer_spec(use_te: bool) -> ModuleSpec:
             **{f.name: getattr(attention.submodules, f.name) for f in dataclasses.fields(SelfAttentionSubmodules)},
             vision_norm=vision_norm,
             linear_kv_vision=linear_kv_vision,
+            vision_connector=ModuleSpec(MLP, submodules=connector_submodules(use_te)) if arch == "hierarchical" else None,
         ),
     )
     mixture.submodules.core_attention = core_attention

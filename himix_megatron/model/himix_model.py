@@ -13,8 +13,16 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
-from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
-from himix_megatron.model.common import check_vision_features, choose_spec, gpt_model_kwargs
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+
+from himix_megatron.config import ConfigError, HiMixTransformerConfig, LanguageModelConfig
+from himix_megatron.model.common import (
+    check_vision_features,
+    choose_spec,
+    connector_config,
+    connector_submodules,
+    gpt_model_kwargs,
+)
 from himix_megatron.model.himix import himix_layer_spec
 
 
@@ -42,13 +50,25 @@ class HiMixModel(GPTModel):
     def __init__(self, config: HiMixTransformerConfig, lm: LanguageModelConfig, *, use_te: Optional[bool] = None,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
         self.use_te = choose_spec(config, use_te)
+        if config.arch not in ("himix", "uniform", "hierarchical"):
+            raise ConfigError(f"HiMixModel builds arch himix, uniform or hierarchical, not {config.arch!r}")
+        if config.arch == "uniform" and config.pipeline_model_parallel_size > 1:
+            raise ConfigError("arch 'uniform' shares one connector across all layers and does not support "
+                              "pipeline parallelism (use 'hierarchical' or 'himix')")
         super().__init__(
-            transformer_layer_spec=himix_layer_spec(self.use_te),
+            transformer_layer_spec=himix_layer_spec(self.use_te, config.arch),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
             **gpt_model_kwargs(config, lm),
         )
+        # Fig. 4a: one connector whose output every layer reads through its own K/V projection.
+        self.vision_projection = None
+        if config.arch == "uniform":
+            self.vision_projection = MultimodalProjector(
+                connector_config(config), connector_submodules(self.use_te), "mlp", config.vision_hidden_size,
+                tp_group=self.pg_collection.tp,
+            )
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,
@@ -66,6 +86,8 @@ class HiMixModel(GPTModel):
             if image_present is not None and not bool(image_present.all()):
                 text_len = input_ids.shape[1] if input_ids is not None else decoder_input.shape[0]
                 attention_mask = mixture_attention_mask(text_len, vision_features.shape[0], image_present)
+            if self.vision_projection is not None:
+                vision_features = self.vision_projection(vision_features)
         return super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             extra_block_kwargs={"context": vision_features},

@@ -23,21 +23,24 @@ text positions only.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
 from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
-from himix_megatron.model.common import check_vision_features, choose_spec, gpt_model_kwargs
+from himix_megatron.model.common import (
+    check_vision_features,
+    choose_spec,
+    connector_config,
+    connector_submodules,
+    gpt_model_kwargs,
+)
 
 
 def vanilla_layer_spec(use_te: bool) -> ModuleSpec:
@@ -54,29 +57,6 @@ def vanilla_layer_spec(use_te: bool) -> ModuleSpec:
         attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention)
     )
     return dataclasses.replace(gpt, submodules=dataclasses.replace(gpt.submodules, self_attention=attention))
-
-
-def connector_config(config: HiMixTransformerConfig) -> HiMixTransformerConfig:
-    """The 2-layer GELU MLP's config: d_v -> d -> d, with biases, not gated.
-
-    X_v is replicated on every TP rank (never split along the sequence), so the connector neither gathers
-    its input nor reduce-scatters its output.
-    """
-    c = copy.copy(config)
-    c.ffn_hidden_size = config.hidden_size
-    c.gated_linear_unit = False
-    c.activation_func = F.gelu
-    c.add_bias_linear = True
-    c.sequence_parallel = False
-    return c
-
-
-def connector_submodules(use_te: bool) -> MLPSubmodules:
-    if use_te:
-        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
-
-        return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
-    return MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear, linear_fc2=tensor_parallel.RowParallelLinear)
 
 
 def vanilla_attention_mask(text_len: int, vision_len: int, image_present: Tensor) -> Tensor:
