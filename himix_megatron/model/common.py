@@ -79,3 +79,11 @@ def connector_submodules(use_te: bool) -> MLPSubmodules:
 
         return MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
     return MLPSubmodules(linear_fc1=tensor_parallel.ColumnParallelLinear, linear_fc2=tensor_parallel.RowParallelLinear)
+
+
+def build_connector(config: HiMixTransformerConfig, use_te: bool, tp_group):
+    """megatron-core's LLaVA projector ("mlp": d_v -> d, GELU, d -> d), tensor-parallel like a MLP."""
+    from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+
+    return MultimodalProjector(connector_config(config), connector_submodules(use_te), "mlp",
+                               config.vision_hidden_size, tp_group=tp_group)

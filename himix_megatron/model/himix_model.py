@@ -13,14 +13,11 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
-from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-
 from himix_megatron.config import ConfigError, HiMixTransformerConfig, LanguageModelConfig
 from himix_megatron.model.common import (
+    build_connector,
     check_vision_features,
     choose_spec,
-    connector_config,
-    connector_submodules,
     gpt_model_kwargs,
 )
 from himix_megatron.model.himix import himix_layer_spec
@@ -65,10 +62,7 @@ class HiMixModel(GPTModel):
         # Fig. 4a: one connector whose output every layer reads through its own K/V projection.
         self.vision_projection = None
         if config.arch == "uniform":
-            self.vision_projection = MultimodalProjector(
-                connector_config(config), connector_submodules(self.use_te), "mlp", config.vision_hidden_size,
-                tp_group=self.pg_collection.tp,
-            )
+            self.vision_projection = build_connector(config, self.use_te, self.pg_collection.tp)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,

@@ -29,16 +29,14 @@ from typing import Optional
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
 from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
 from himix_megatron.model.common import (
+    build_connector,
     check_vision_features,
     choose_spec,
-    connector_config,
-    connector_submodules,
     gpt_model_kwargs,
 )
 
@@ -90,10 +88,7 @@ class VanillaLLaVAModel(GPTModel):
         )
         self.vision_projection = None
         if pre_process:
-            self.vision_projection = MultimodalProjector(
-                connector_config(config), connector_submodules(self.use_te), "mlp", config.vision_hidden_size,
-                tp_group=self.pg_collection.tp,
-            )
+            self.vision_projection = build_connector(config, self.use_te, self.pg_collection.tp)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,
