@@ -16,6 +16,11 @@ What it handles (numbered as in DESIGN.md section 4):
 4. Gloo matches isend/irecv by (peer, tag) in posting order. With interleaved PP=2 the previous and
    the next stage are the same rank, so the batched p2p path, which tags everything 0, swaps
    activations and gradients of equal shape without an error. Batched p2p here tags each direction.
+Also (not a bug, a missing kernel): megatron-core's `gradient_accumulation_fusion` accumulates each
+weight gradient straight into DDP's main_grad buffer inside the wgrad GEMM, through apex's CUDA
+extension `fused_weight_gradient_mlp_cuda`. The same in-place accumulation is one `addmm_` on CPU, so
+the extension is provided here; without it every micro-batch materialises and re-adds each gradient.
+
 5. Distributed-optimizer checkpoint load with torch.optim (no TE/apex) is not CPU-specific and
    lives in `himix_megatron.optim_compat`; `platform.initialize` installs both.
 """
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import sys
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -50,6 +57,7 @@ def install() -> bool:
     _CudaToCpu().__enter__()  # process-wide, deliberately never exited
     _patch_rng_tracker()
     _patch_batched_p2p()
+    _provide_wgrad_accumulation()
     _installed = True
     return True
 
@@ -204,3 +212,23 @@ def _patch_batched_p2p() -> None:
         return dist.batch_isend_irecv(ops) if ops else []
 
     p2p_communication._batched_p2p_ops = batched_p2p_ops
+
+
+# --- gradient accumulation fusion ----------------------------------------------------------------
+
+
+def _wgrad_gemm_accum(total_input, grad_output, main_grad):
+    """main_grad += grad_output^T @ total_input, in place (BLAS beta = 1): no gradient tensor is made."""
+    main_grad.addmm_(grad_output.reshape(-1, grad_output.shape[-1]).t(),
+                     total_input.reshape(-1, total_input.shape[-1]).to(grad_output.dtype))
+
+
+def _provide_wgrad_accumulation() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    kernel = types.ModuleType("fused_weight_gradient_mlp_cuda")
+    kernel.wgrad_gemm_accum_fp32 = _wgrad_gemm_accum
+    kernel.wgrad_gemm_accum_fp16 = _wgrad_gemm_accum
+    sys.modules.setdefault("fused_weight_gradient_mlp_cuda", kernel)
+    layers.fused_weight_gradient_mlp_cuda = kernel
+    layers._grad_accum_fusion_available = True

@@ -128,3 +128,24 @@ def test_batched_p2p_keeps_directions_apart():  # point 4
         peer = 1 - rank
         assert torch.equal(activation, torch.full((2, 3), 100.0 + peer)), "received a gradient as activation"
         assert torch.equal(gradient, torch.full((2, 3), 200.0 + peer)), "received an activation as gradient"
+
+
+def _main_grads(fuse: bool):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model = build_tiny_himix(seed=3, gradient_accumulation_fusion=fuse)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp.zero_grad_buffer()
+    for seed in (1, 2):  # two accumulated micro-batches
+        tokens, positions, vision, labels = tiny_batch(seed=seed)
+        ddp(tokens, positions, vision, labels=labels).mean().backward()
+    return {n: p.main_grad.clone() for n, p in model.named_parameters()}, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.usefixtures("single_rank")
+def test_gradient_accumulation_fusion_accumulates_into_main_grad():
+    reference, _ = _main_grads(fuse=False)
+    fused, grads = _main_grads(fuse=True)
+    assert all(g is None for g in grads)  # nothing materialised besides main_grad
+    for name, grad in reference.items():
+        torch.testing.assert_close(fused[name], grad, atol=1e-6, rtol=1e-5, msg=name)

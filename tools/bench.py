@@ -53,6 +53,7 @@ The last line is `realized: X`, the smallest whole-step realization over ratios 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ctypes
 import json
 import os
@@ -170,6 +171,10 @@ def build(arch, lm, vision, precision, seed=0):
     torch.manual_seed(seed)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     extra = dict(fp8="hybrid", fp8_recipe="delayed") if precision == "fp8" else {}
+    # Accumulate weight gradients straight into DDP's main_grad inside the wgrad GEMM, as Megatron-LM does
+    # by default: apex's kernel on GPU, cpu_compat's addmm_ on CPU.
+    extra["gradient_accumulation_fusion"] = (not torch.cuda.is_available()
+                                             or importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None)
     config = build_transformer_config(lm, vision, arch=arch, params_dtype=dtype,
                                       use_cpu_initialization=not torch.cuda.is_available(), **extra)
     model = (HiMixModel if arch == "himix" else VanillaLLaVAModel)(config, lm)
