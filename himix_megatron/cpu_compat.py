@@ -218,9 +218,12 @@ def _patch_batched_p2p() -> None:
 
 
 def _wgrad_gemm_accum(total_input, grad_output, main_grad):
-    """main_grad += grad_output^T @ total_input, in place (BLAS beta = 1): no gradient tensor is made."""
-    main_grad.addmm_(grad_output.reshape(-1, grad_output.shape[-1]).t(),
-                     total_input.reshape(-1, total_input.shape[-1]).to(grad_output.dtype))
+    """main_grad += grad_output^T @ total_input, in place (BLAS beta = 1): no gradient tensor is made.
+
+    Computed in main_grad's dtype: with bf16 activations megatron keeps fp32 main grads.
+    """
+    main_grad.addmm_(grad_output.reshape(-1, grad_output.shape[-1]).t().to(main_grad.dtype),
+                     total_input.reshape(-1, total_input.shape[-1]).to(main_grad.dtype))
 
 
 def _provide_wgrad_accumulation() -> None:

@@ -149,3 +149,13 @@ def test_gradient_accumulation_fusion_accumulates_into_main_grad():
     assert all(g is None for g in grads)  # nothing materialised besides main_grad
     for name, grad in reference.items():
         torch.testing.assert_close(fused[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_wgrad_accumulation_with_bf16_activations_and_fp32_main_grad():
+    main_grad = torch.ones(3, 4)
+    x = torch.randn(2, 5, 4).to(torch.bfloat16)  # [s, b, in], as megatron may pass it
+    dy = torch.randn(2, 5, 3).to(torch.bfloat16)
+    cpu_compat._wgrad_gemm_accum(x, dy, main_grad)
+    expected = 1 + dy.reshape(-1, 3).float().t() @ x.reshape(-1, 4).float()
+    torch.testing.assert_close(main_grad, expected)
+    assert main_grad.dtype == torch.float32
