@@ -36,5 +36,5 @@ setup(
         # (transformer-engine fails to build there, and its core wheel alone breaks megatron imports).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["himix-train = himix_megatron.train:main"]},
 )

@@ -108,6 +108,9 @@ VISION_MODELS: dict[str, VisionModelConfig] = {
     c.name: c
     for c in [
         VisionModelConfig("tiny", 48, 2, 4, 96, image_size=56, patch_size=14, norm_epsilon=1e-6),
+        # The CPU demo's encoder: frozen and random, so it must keep the pixels' information on its
+        # own; 7 px patches into 96 dimensions do (the 14 px tiny one loses the shapes).
+        VisionModelConfig("tiny-patch7", 96, 2, 4, 192, image_size=56, patch_size=7, norm_epsilon=1e-6),
         VisionModelConfig("siglip-so400m-384", 1152, 27, 16, 4304, image_size=384, patch_size=14, norm_epsilon=1e-6),
     ]
 }

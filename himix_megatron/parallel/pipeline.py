@@ -38,6 +38,7 @@ class MicroBatch:
     loss_mask: Tensor
     images: Optional[Tensor] = None  # what `encode` takes; only the first stage reads it
     image_present: Optional[Tensor] = None  # [b] bool; None means every sample has an image
+    lengths: Optional[Tensor] = None  # [b] real (unpadded) text tokens, for throughput figures
 
 
 def build_model_chunks(model_cls, config, lm, **kwargs) -> list[torch.nn.Module]:
@@ -78,9 +79,18 @@ def share_vision_features(features: Optional[Tensor], shape: Sequence[int], dtyp
     return buffer
 
 
-def _masked_mean_loss(loss_mask: Tensor, per_token_loss: Tensor):
-    loss = (per_token_loss * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-    return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+def _label_token_loss(loss_mask: Tensor, per_token_loss: Tensor):
+    """Megatron-core's three-value loss: the sum over label tokens and their count.
+
+    With `config.calculate_per_token_loss` the schedule leaves the sum alone and finalize_model_grads
+    divides the gradients by the global batch's token count (all-reduced over data parallel), so the
+    loss is the mean over every label token of the global batch. Without it, the schedule divides by
+    this micro-batch's count and the number of micro-batches: the mean of micro-batch means.
+    """
+    total = (per_token_loss * loss_mask).sum()
+    tokens = loss_mask.sum().to(torch.int)
+    # A copy for reporting: the schedule divides `total` in place.
+    return total, tokens, {"stats": torch.stack([total.detach(), tokens.to(total.dtype)])}
 
 
 def forward_backward(
@@ -90,8 +100,14 @@ def forward_backward(
     *,
     vision_tokens: int,
     forward_only: bool = False,
-) -> list[Tensor]:
-    """One step's forward and backward over `microbatches`; returns each micro-batch's loss (last stage).
+    score: Optional[Callable[[MicroBatch, Tensor], tuple]] = None,
+) -> Optional[Tensor]:
+    """One step's forward and backward over `microbatches`.
+
+    Returns [micro-batches, 2]: each micro-batch's summed label-token loss and its label-token count,
+    on the last pipeline stage; None elsewhere. With `score` (evaluation, forward_only), the model
+    returns logits instead and `score(mb, logits)` gives megatron-core's three-value loss-function
+    result, whose dict holds a "stats" tensor; those are returned stacked instead.
 
     `encode(images) -> [N, b, d_v]` is called on the first pipeline stage only, once per micro-batch.
     Gradients accumulate in the chunks' parameters (or their DDP buffers), as megatron-core's schedules do.
@@ -99,7 +115,7 @@ def forward_backward(
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model = model_chunks[0]
+    model = getattr(model_chunks[0], "module", model_chunks[0])  # through megatron's DDP wrapper
     config = model.config
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     b, m = microbatches[0].tokens.shape
@@ -118,8 +134,10 @@ def forward_backward(
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)
         vision = features[index] if features is not None else None
+        if score is not None:
+            return model(mb.tokens, mb.positions, vision, image_present=mb.image_present), partial(score, mb)
         output = model(mb.tokens, mb.positions, vision, labels=mb.labels, image_present=mb.image_present)
-        return output, partial(_masked_mean_loss, mb.loss_mask)
+        return output, partial(_label_token_loss, mb.loss_mask)
 
     iterators = [iter(list(enumerate(microbatches))) for _ in model_chunks]
     losses = get_forward_backward_func()(
@@ -131,4 +149,4 @@ def forward_backward(
         micro_batch_size=b,
         forward_only=forward_only,
     )
-    return [entry["loss"] for entry in losses]
+    return torch.stack([entry["stats"] for entry in losses]) if losses else None

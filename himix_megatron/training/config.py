@@ -1,0 +1,230 @@
+"""The trainer's configuration: one typed dataclass, Megatron-LM flag names, an optional YAML file.
+
+Every field is a flag: `tensor_model_parallel_size` is `--tensor-model-parallel-size`. A YAML file
+(`--config FILE`) may hold the same keys, with either spelling; flags given on the command line
+override it. `check()` refuses contradictory or impossible settings before anything is built, naming
+the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from himix_megatron.config import ARCHS, ConfigError
+
+STAGES = ("pretrain", "further-pretrain", "finetune")
+FP8_FORMATS = ("hybrid", "e4m3")
+
+
+@dataclass
+class TrainConfig:
+    # --- model (ignored when --load names a checkpoint, which describes its own model)
+    arch: str = field(default="himix", metadata={"choices": ARCHS})
+    model: str = field(default="tiny", metadata={"help": "language model preset (himix_megatron.config)"})
+    vision_model: str = field(default="tiny", metadata={"help": "vision encoder preset"})
+    stage: str = field(default="finetune", metadata={"choices": STAGES,
+                       "help": "pretrain trains the vision parameters only; the others the LM too"})
+    # --- parallelism
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    # --- batch
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = field(default=None, metadata={"help": "default: micro batch x DP"})
+    seq_length: int = field(default=2048, metadata={"help": "max text tokens per sample"})
+    # --- schedule and optimizer (AdamW)
+    train_iters: Optional[int] = None
+    train_samples: Optional[int] = None
+    train_epochs: Optional[float] = field(default=None, metadata={"help": "passes over the data; sets train_samples"})
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_decay_style: str = field(default="cosine", metadata={"choices": ("cosine", "linear", "constant")})
+    lr_warmup_fraction: float = 0.03
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    # --- precision and memory
+    bf16: bool = False
+    fp8_format: Optional[str] = field(default=None, metadata={"choices": FP8_FORMATS})
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = field(default="max", metadata={"choices": ("max", "most_recent")})
+    recompute_granularity: Optional[str] = field(default=None, metadata={"choices": ("full", "selective")})
+    recompute_method: str = field(default="uniform", metadata={"choices": ("uniform", "block")})
+    recompute_num_layers: int = 1
+    seed: int = 1234
+    # --- data
+    data_path: list = field(default_factory=list, metadata={
+        "help": "shard directories, optionally weighted Megatron-style: 0.7 DIR_A 0.3 DIR_B"})
+    valid_data_path: list = field(default_factory=list)
+    tokenizer_model: Optional[str] = field(default=None, metadata={
+        "help": "tokenizer.model, tokenizer.json or a directory with one (default: the checkpoint's)"})
+    template: Optional[str] = field(default=None, metadata={"help": "conversation template (default: vicuna_v1)"})
+    system_prompt: Optional[str] = field(default=None, metadata={"help": "override the template's system prompt"})
+    num_workers: int = 2
+    # --- checkpointing
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = field(default=False, metadata={
+        "help": "load model weights only and start at iteration 0 (implied when the stage changes)"})
+    ckpt_optimizer_format: str = field(default="dp_reshardable", metadata={
+        "choices": ("dp_reshardable", "fully_reshardable")})
+    # --- logging and evaluation
+    log_interval: int = 1
+    eval_interval: Optional[int] = None
+    eval_iters: Optional[int] = field(default=None, metadata={"help": "default: the whole validation set"})
+    tensorboard_dir: Optional[str] = None
+    max_bad_steps: int = field(default=5, metadata={
+        "help": "consecutive NaN/Inf steps (skipped) before saving and aborting"})
+    peak_flops: Optional[float] = field(default=None, metadata={
+        "help": "per-device peak FLOP/s for MFU (default: known GPUs only)"})
+    exit_interval: Optional[int] = field(default=None, metadata={"help": "stop after this iteration (tests)"})
+    progress: bool = field(default=True, metadata={"help": "rank-0 progress bar"})
+    inject_nan_at: list = field(default_factory=list, metadata={
+        "item_type": int, "help": "testing aid: make the loss and gradients NaN at these iterations"})
+
+    @property
+    def data_parallel_size(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_world_size()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="himix-train", description="Train a HiMix (or vanilla LLaVA) model.",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML file with the same keys; flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        kw = {"help": f.metadata.get("help", " ")}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if f.type == "bool":
+            p.add_argument(_flag(f.name), action="store_true", **kw)
+            if f.default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+        elif f.type == "list":
+            p.add_argument(_flag(f.name), nargs="+", type=f.metadata.get("item_type", str), **kw)
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
+                          "Optional[str]": str}[f.type]
+            p.add_argument(_flag(f.name), **kw)
+    return p
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def parse_args(argv=None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = load_yaml(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(f"bad configuration: {e}") from None
+    if isinstance(cfg.data_path, str):
+        cfg.data_path = cfg.data_path.split()
+    if isinstance(cfg.valid_data_path, str):
+        cfg.valid_data_path = cfg.valid_data_path.split()
+    return cfg
+
+
+def parse_data_path(values: list, flag: str = "--data-path") -> list[tuple[Optional[float], str]]:
+    """`DIR [DIR ...]` or Megatron's weighted `W DIR [W DIR ...]`."""
+    values = [str(v) for v in values]
+
+    def number(s):
+        try:
+            return float(s)
+        except ValueError:
+            return None
+
+    if values and number(values[0]) is not None:
+        if len(values) % 2 or any(number(w) is None for w in values[::2]):
+            raise ConfigError(f"{flag}: weighted form is 'W DIR W DIR ...', got {values}")
+        pairs = [(number(w), d) for w, d in zip(values[::2], values[1::2])]
+        if any(w <= 0 for w, _ in pairs):
+            raise ConfigError(f"{flag}: weights must be positive, got {values[::2]}")
+    else:
+        pairs = [(None, d) for d in values]
+    for _, d in pairs:
+        if not os.path.isdir(d):
+            raise ConfigError(f"{flag}: {d} is not a directory of shards")
+    return pairs
+
+
+def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) -> None:
+    """Refuse impossible settings before any compute. Raises ConfigError naming the flag."""
+    model_parallel = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not a multiple of --tensor-model-parallel-size x "
+                          f"--pipeline-model-parallel-size = {model_parallel}")
+    dp = world_size // model_parallel
+    if cfg.micro_batch_size < 1:
+        raise ConfigError("--micro-batch-size must be >= 1")
+    if cfg.global_batch_size is not None and cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+                          f"x data-parallel size = {cfg.micro_batch_size} x {dp}")
+    given = [n for n in ("train_iters", "train_samples", "train_epochs") if getattr(cfg, n) is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --train-iters, --train-samples, --train-epochs"
+                          + (f" (got {', '.join(_flag(n) for n in given)})" if given else ""))
+    if not cfg.data_path:
+        raise ConfigError("--data-path is required")
+    if cfg.fp8_format is not None:
+        if not (cuda and te_available):
+            raise ConfigError(f"--fp8-format {cfg.fp8_format} needs Transformer Engine on a GPU; this machine has "
+                              f"{'a GPU' if cuda else 'no GPU'} and {'' if te_available else 'no '}Transformer Engine")
+        if not cfg.bf16:
+            raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model, as in Megatron-LM)")
+    if cfg.sequence_parallel and cfg.tensor_model_parallel_size == 1:
+        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if cfg.save_interval is not None and cfg.save is None:
+        raise ConfigError("--save-interval needs --save")
+    if cfg.eval_interval is not None and not cfg.valid_data_path:
+        raise ConfigError("--eval-interval needs --valid-data-path")
+    if cfg.overlap_grad_reduce and cfg.pipeline_model_parallel_size > 1:
+        raise ConfigError("--overlap-grad-reduce is not wired for pipeline parallelism here; drop it")
+    if not 0 <= cfg.lr_warmup_fraction < 1:
+        raise ConfigError(f"--lr-warmup-fraction {cfg.lr_warmup_fraction} must be in [0, 1)")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
+    for name in ("log_interval", "max_bad_steps", "num_workers"):
+        if getattr(cfg, name) < (0 if name == "num_workers" else 1):
+            raise ConfigError(f"{_flag(name)} must be positive")
+    parse_data_path(cfg.data_path)
+    if cfg.valid_data_path:
+        parse_data_path(cfg.valid_data_path, "--valid-data-path")

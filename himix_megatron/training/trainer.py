@@ -1,0 +1,273 @@
+"""The training loop: build, (re)load, step, log, evaluate, save.
+
+One step is one global batch: every data-parallel rank reads global_batch / DP samples as
+micro-batches, megatron-core's schedule runs forward and backward through the pipeline, the loss is
+the mean over every label token of the global batch (megatron-core's `calculate_per_token_loss`),
+and one optimizer step follows. A step whose loss or gradient norm is NaN/Inf is skipped (no
+update, logged and counted); `--max-bad-steps` consecutive ones save a checkpoint and abort.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from himix_megatron import platform
+from himix_megatron.checkpoint import (
+    CheckpointError,
+    ModelDescription,
+    build_model,
+    checkpoint_tokenizer_dir,
+    load_checkpoint,
+    read_metadata,
+    resolve,
+    save_checkpoint,
+)
+from himix_megatron.config import ConfigError, ParallelConfig, language_model_preset, vision_model_preset
+from himix_megatron.parallel.pipeline import forward_backward
+from himix_megatron.training import data as training_data
+from himix_megatron.training.config import TrainConfig, check
+from himix_megatron.training.metrics import MetricsLogger, detect_peak_flops
+from himix_megatron.training.optimizer import apply_stage, build_optimizer, wrap_ddp
+
+log = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive NaN/Inf steps; a checkpoint was saved first when --save was given."""
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    description: ModelDescription
+    chunks: list
+    encoder: Optional[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    tokenizer: object
+    tokenizer_dir: Optional[str]
+    template: str
+    train_iters: int
+    global_batch_size: int
+    num_microbatches: int
+    iteration: int = 0
+    consumed_samples: int = 0
+    resume_loader_state: Optional[dict] = None
+
+
+def _has_checkpoint(path: Optional[str]) -> bool:
+    if path is None:
+        return False
+    try:
+        resolve(path)
+        return True
+    except CheckpointError as e:
+        if "no such directory" in str(e) or ("no complete checkpoint" in str(e) and "\n" not in str(e)):
+            return False  # nothing saved yet: a first start under --load == --save
+        raise
+
+
+def _description(cfg: TrainConfig, loading: bool) -> ModelDescription:
+    if loading:
+        return ModelDescription.from_dict(read_metadata(cfg.load)["model"])
+    vision = vision_model_preset(cfg.vision_model)
+    if not vision.name.startswith("tiny"):
+        raise ConfigError(f"--vision-model {cfg.vision_model} without --load would train on a randomly initialised "
+                          "encoder; import the SigLIP weights with tools/convert_checkpoint.py and pass --load")
+    return ModelDescription(cfg.arch, language_model_preset(cfg.model), vision, cfg.template)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    from himix_megatron.model.core_attention import te_available
+
+    parallel = ParallelConfig(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                              cfg.virtual_pipeline_model_parallel_size, cfg.sequence_parallel)
+    launch = platform.discover_launch()
+    check(cfg, launch.world_size, te_available=te_available(), cuda=torch.cuda.is_available())
+    platform.initialize(parallel, seed=cfg.seed, launch=launch)
+
+    loading = _has_checkpoint(cfg.load)
+    description = _description(cfg, loading)
+    template = cfg.template or description.template or "vicuna_v1"
+    tokenizer_dir = cfg.tokenizer_model or (checkpoint_tokenizer_dir(cfg.load) if loading else None)
+    if tokenizer_dir is None:
+        raise ConfigError("--tokenizer-model is required (the checkpoint has no tokenizer files)")
+    tokenizer = training_data.load_tokenizer_checked(tokenizer_dir, description.language)
+
+    overrides = dict(calculate_per_token_loss=True)
+    if cfg.recompute_granularity:
+        overrides.update(recompute_granularity=cfg.recompute_granularity)
+        if cfg.recompute_granularity == "full":
+            overrides.update(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
+    if cfg.fp8_format:
+        # megatron-core's TransformerBlock enters TE's fp8_autocast with this DelayedScaling recipe
+        # around every layer; TE modules only, so the local spec never gets here (check() refuses).
+        overrides.update(fp8=cfg.fp8_format, fp8_recipe="delayed", fp8_margin=cfg.fp8_margin,
+                         fp8_amax_history_len=cfg.fp8_amax_history_len,
+                         fp8_amax_compute_algo=cfg.fp8_amax_compute_algo)
+    chunks, encoder = build_model(description, parallel, use_cpu_initialization=not torch.cuda.is_available(),
+                                  params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, **overrides)
+    trainable = apply_stage(chunks, cfg.stage)
+    chunks = wrap_ddp(chunks, cfg)
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    if cfg.overlap_grad_reduce:
+        config.no_sync_func = chunks[0].no_sync
+
+    dp = parallel_state.get_data_parallel_world_size()
+    gbs = cfg.global_batch_size or cfg.micro_batch_size * dp
+    train_iters = training_data.train_iters(cfg, gbs, dp, tokenizer, template, description)
+    optimizer, scheduler = build_optimizer(chunks, cfg, train_iters)
+    run = Run(cfg, description, chunks, encoder, optimizer, scheduler, tokenizer, tokenizer_dir, template,
+              train_iters, gbs, gbs // (cfg.micro_batch_size * dp))
+    if launch.rank == 0:
+        print(f"himix-train: {description.arch} {description.language.name} + {description.vision.name}, "
+              f"stage {cfg.stage}, TP={parallel.tensor_model_parallel_size} PP={parallel.pipeline_model_parallel_size}"
+              f" DP={dp}, {trainable:,} trainable parameters, {train_iters} iterations of {gbs} samples "
+              f"({run.num_microbatches} micro-batches of {cfg.micro_batch_size} per DP rank)", flush=True)
+    if loading:
+        _load(run)
+    return run
+
+
+def _load(run: Run) -> None:
+    cfg = run.cfg
+    meta = read_metadata(cfg.load)
+    same_stage = meta["train_state"].get("stage") == cfg.stage
+    model_only = cfg.finetune or not same_stage or "optimizer" not in meta["contents"]
+    result = load_checkpoint(cfg.load, run.chunks, encoder=run.encoder,
+                             optimizer=None if model_only or cfg.no_load_optim else run.optimizer,
+                             scheduler=None if model_only else run.scheduler,
+                             load_rng=not (model_only or cfg.no_load_rng))
+    if not model_only:
+        run.iteration = result["iteration"]
+        run.consumed_samples = int(meta["train_state"]["consumed_samples"])
+        run.resume_loader_state = (result["rank_state"] or {}).get("loader")
+    if torch.distributed.get_rank() == 0:
+        what = "weights only, starting at iteration 0" if model_only else f"resuming at iteration {run.iteration}"
+        print(f"loaded {result['dir']} ({', '.join(result['loaded'])}): {what}", flush=True)
+
+
+def _save(run: Run, loader) -> None:
+    cfg = run.cfg
+    save_checkpoint(
+        cfg.save, run.chunks, run.description, iteration=run.iteration, encoder=run.encoder,
+        optimizer=run.optimizer, scheduler=run.scheduler,
+        train_state={"stage": cfg.stage, "consumed_samples": run.consumed_samples,
+                     "train_iters": run.train_iters, "template": run.template},
+        rank_state={"loader": loader.state_dict()}, tokenizer_dir=_tokenizer_files(run.tokenizer_dir),
+        optimizer_format=cfg.ckpt_optimizer_format,
+    )
+    if torch.distributed.get_rank() == 0:
+        print(f"saved checkpoint at iteration {run.iteration} to {cfg.save}", flush=True)
+
+
+def _tokenizer_files(path: str) -> str:
+    import os
+
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def _reduce_step_stats(stats: Optional[torch.Tensor], text_tokens: int, samples: int) -> list[float]:
+    """[loss sum, label tokens, text tokens, samples] over the global batch, on every rank."""
+    from megatron.core import parallel_state
+
+    counted = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+               and parallel_state.get_tensor_model_parallel_rank() == 0)
+    values = torch.zeros(4, dtype=torch.float64)
+    if counted:
+        values[0], values[1] = stats[:, 0].double().sum(), stats[:, 1].double().sum()
+        values[2], values[3] = text_tokens, samples
+    torch.distributed.all_reduce(values)
+    return values.tolist()
+
+
+def _poison_gradients(chunks) -> None:
+    """--inject-nan-at: what a numerical blow-up looks like to the step (testing aid)."""
+    for chunk in chunks:
+        for buffer in chunk.buffers:
+            buffer.grad_data.fill_(math.nan)
+
+
+def train_step(run: Run, microbatches, inject_nan: bool = False) -> tuple[list[float], Optional[float], bool]:
+    """Returns (reduced stats, grad norm, skipped)."""
+    for chunk in run.chunks:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    encode = run.encoder if run.encoder is not None else None
+    stats = forward_backward(run.chunks, microbatches, encode, vision_tokens=run.description.vision.num_features)
+    text_tokens = sum(int(mb.lengths.sum()) for mb in microbatches)
+    reduced = _reduce_step_stats(stats, text_tokens, sum(mb.tokens.shape[0] for mb in microbatches))
+    if inject_nan:
+        reduced[0] = math.nan
+        _poison_gradients(run.chunks)
+    # The norm is checked before the update: megatron's clip would turn a NaN norm into NaN weights.
+    run.optimizer.prepare_grads()
+    grad_norm = run.optimizer.get_grad_norm()
+    if not (math.isfinite(reduced[0]) and grad_norm is not None and math.isfinite(grad_norm)):
+        return reduced, grad_norm, True
+    ok, _, _ = run.optimizer.step()
+    if not ok:
+        return reduced, grad_norm, True
+    run.scheduler.step(increment=1)
+    return reduced, grad_norm, False
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the configured training; returns the final metrics (rank 0's view)."""
+    from himix_megatron.flops import training_flops
+    from himix_megatron.training import evaluate as evaluation
+
+    run = setup(cfg)
+    loader = training_data.build_train_loader(run)
+    if run.resume_loader_state is not None:
+        loader.load_state_dict(run.resume_loader_state)
+    n = run.description.vision.num_features
+    flops = training_flops(run.description.language, run.description.arch, n, cfg.seq_length, cfg.stage,
+                           run.description.vision.hidden_size)
+    metrics = MetricsLogger(
+        rank=torch.distributed.get_rank(), total_iters=run.train_iters, start_iter=run.iteration,
+        flops_per_sample=flops, world_size=torch.distributed.get_world_size(),
+        peak_flops=detect_peak_flops(cfg.peak_flops, cfg.fp8_format is not None),
+        tensorboard_dir=cfg.tensorboard_dir, progress=cfg.progress, log_interval=cfg.log_interval)
+    batches = training_data.microbatch_stream(loader, run.num_microbatches)
+    bad_in_a_row, result, history = 0, {}, []
+    stop = min(run.train_iters, cfg.exit_interval or run.train_iters)
+    while run.iteration < stop:
+        microbatches = next(batches)
+        run.iteration += 1
+        reduced, grad_norm, skipped = train_step(run, microbatches, run.iteration in cfg.inject_nan_at)
+        run.consumed_samples += run.global_batch_size
+        loss = reduced[0] / max(reduced[1], 1)
+        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        history.append({"iteration": run.iteration, "loss": loss, "grad_norm": grad_norm, "skipped": skipped})
+        if skipped:
+            metrics.print(f"iteration {run.iteration}: loss {loss} / grad norm {grad_norm} is not finite; "
+                          f"step skipped ({bad_in_a_row} in a row)")
+        metrics.step(run.iteration, loss_sum=reduced[0], label_tokens=reduced[1], text_tokens=int(reduced[2]),
+                     samples=int(reduced[3]), grad_norm=grad_norm, skipped=skipped,
+                     lr=run.optimizer.param_groups[0]["lr"], data_skipped=loader.stats()["skipped"])
+        if bad_in_a_row >= cfg.max_bad_steps:
+            if cfg.save:
+                _save(run, loader)
+            metrics.close()
+            raise TrainingAborted(f"{bad_in_a_row} consecutive steps with a NaN/Inf loss or gradient norm "
+                                  f"(iteration {run.iteration})" + (f"; checkpoint saved to {cfg.save}" if cfg.save else ""))
+        if cfg.eval_interval and run.iteration % cfg.eval_interval == 0:
+            result = evaluation.evaluate(run, cfg.valid_data_path, metrics)
+        if cfg.save and cfg.save_interval and run.iteration % cfg.save_interval == 0:
+            _save(run, loader)
+    if cfg.save and not (cfg.save_interval and run.iteration % cfg.save_interval == 0):
+        _save(run, loader)
+    if cfg.valid_data_path and not (cfg.eval_interval and run.iteration % cfg.eval_interval == 0):
+        result = evaluation.evaluate(run, cfg.valid_data_path, metrics)
+    metrics.close()
+    return {"iteration": run.iteration, "history": history, "skipped_steps": metrics.skipped_total, **result}
