@@ -13,7 +13,7 @@ setup(
         "torch>=2.4",
         # Exact: cpu_compat.py patches known sites of this release.
         "megatron-core==0.16.1",
-        "transformers>=4.45",
+        "transformers>=5.0,<6",  # the exported remote code is written for the 5.x config API
         "safetensors",
         "sentencepiece",
         "tokenizers",

@@ -1,0 +1,26 @@
+"""Hugging Face side of HiMix: `trust_remote_code` files copied verbatim into exported model directories.
+
+`configuration_himix.py` and `modeling_himix.py` import only torch and transformers, so an export directory
+is self-contained; they are not imported here so that importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+REMOTE_CODE_FILES = ("configuration_himix.py", "modeling_himix.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_himix.HiMixConfig",
+    "AutoModelForCausalLM": "modeling_himix.HiMixForCausalLM",
+}
+
+
+def write_remote_code(output_dir) -> dict:
+    """Copy the remote-code files into `output_dir`; return the `auto_map` entry for its config.json."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).parent
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(here / name, output_dir / name)
+    return dict(AUTO_MAP)
