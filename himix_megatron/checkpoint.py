@@ -42,6 +42,9 @@ LATEST = "latest"
 DESCRIPTION = "himix.json"
 MANIFEST = "manifest.json"
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+# Files that travel with a model from checkpoint to checkpoint: the SigLIP tensors our encoder does
+# not use (last layer, post-norm, head), kept by the import so that an export is a whole SigLIP.
+CARRIED_FILES = ("hf_vision_extra.safetensors",)
 
 
 class CheckpointError(RuntimeError):
@@ -56,16 +59,20 @@ class ModelDescription:
     language: LanguageModelConfig
     vision: VisionModelConfig
     template: Optional[str] = None
+    # Rows of the (padded) embedding; None until the model is first built. Recorded so that the
+    # model reloads at another TP (Megatron-LM's padding depends on the TP it is built at).
+    padded_vocab_size: Optional[int] = None
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "language": dataclasses.asdict(self.language),
-                "vision": dataclasses.asdict(self.vision), "template": self.template}
+                "vision": dataclasses.asdict(self.vision), "template": self.template,
+                "padded_vocab_size": self.padded_vocab_size}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "himix.json") -> "ModelDescription":
         try:
             return cls(d["arch"], LanguageModelConfig(**d["language"]), VisionModelConfig(**d["vision"]),
-                       d.get("template"))
+                       d.get("template"), d.get("padded_vocab_size"))
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{where}: not a model description ({e})") from e
 
@@ -143,6 +150,12 @@ def read_metadata(load_dir: str) -> dict:
     return _read_json(os.path.join(resolve(load_dir), DESCRIPTION))
 
 
+def carried_files(iter_dir: str) -> dict[str, str]:
+    """CARRIED_FILES present in a checkpoint, for the next save to copy forward."""
+    return {name: os.path.join(iter_dir, name) for name in CARRIED_FILES
+            if os.path.isfile(os.path.join(iter_dir, name))}
+
+
 def checkpoint_tokenizer_dir(load_dir: str) -> Optional[str]:
     path = os.path.join(resolve(load_dir), "tokenizer")
     return path if os.path.isdir(path) else None
@@ -205,9 +218,11 @@ def _parallel_layout() -> dict:
 def save_checkpoint(save_dir: str, model_chunks: Sequence[torch.nn.Module], description: ModelDescription, *,
                     iteration: int = 0, encoder=None, optimizer=None, scheduler=None,
                     train_state: Optional[dict] = None, rank_state: Optional[dict] = None,
-                    tokenizer_dir: Optional[str] = None, optimizer_format: str = "dp_reshardable") -> str:
+                    tokenizer_dir: Optional[str] = None, extra_files: Optional[dict[str, str]] = None,
+                    optimizer_format: str = "dp_reshardable") -> str:
     """Collective over all ranks. `train_state`: JSON-able, the same on every rank (iteration counters);
-    `rank_state`: this rank's own picklable state (the data loader's position). Returns the iteration dir."""
+    `rank_state`: this rank's own picklable state (the data loader's position); `extra_files`: name ->
+    path, copied in by rank 0 (see CARRIED_FILES). Returns the iteration dir."""
     from megatron.core import dist_checkpointing
 
     if optimizer_format not in OPTIMIZER_FORMATS:
@@ -235,9 +250,13 @@ def save_checkpoint(save_dir: str, model_chunks: Sequence[torch.nn.Module], desc
     dist_checkpointing.save(state, tmp)
     torch.distributed.barrier()
 
+    if description.padded_vocab_size is None:
+        description = dataclasses.replace(description, padded_vocab_size=_unwrap(model_chunks[0]).vocab_size)
     if rank0:
         if tokenizer_dir:
             shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, os.path.join(tmp, name))
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "model": description.to_dict(),
                 "parallel": _parallel_layout(), "contents": contents, "optimizer_format": optimizer_format,
                 "train_state": train_state or {}}
@@ -331,7 +350,7 @@ def build_model(description: ModelDescription, parallel: ParallelConfig, *, use_
     validate(description.language, parallel, description.arch)
     config = build_transformer_config(description.language, description.vision, parallel, arch=description.arch,
                                       params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization,
-                                      **overrides)
+                                      padded_vocab_size=description.padded_vocab_size, **overrides)
     chunks = build_model_chunks(model_class(description.arch), config, description.language)
     encoder = None
     if parallel_state.is_pipeline_first_stage(ignore_virtual=True):

@@ -177,6 +177,15 @@ class HiMixTransformerConfig(TransformerConfig):
 
     vision_hidden_size: int = 0
     arch: str = "himix"
+    # The embedding's padded row count, fixed when the model is first built (checkpoints record it);
+    # None pads Megatron-LM's way for the current TP.
+    padded_vocab_size: Optional[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.padded_vocab_size is not None and self.padded_vocab_size % self.tensor_model_parallel_size:
+            raise ConfigError(f"padded_vocab_size {self.padded_vocab_size} (recorded in the checkpoint) is not "
+                              f"divisible by tensor_model_parallel_size {self.tensor_model_parallel_size}")
 
 
 def build_transformer_config(

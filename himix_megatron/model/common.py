@@ -15,7 +15,11 @@ from himix_megatron.model.core_attention import te_available
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
-    """Megatron-LM's padding: a multiple of divisible_by * TP, so every TP shard is equal and aligned."""
+    """Megatron-LM's padding: a multiple of divisible_by * TP, so every TP shard is equal and aligned.
+
+    Applied when a model is first built; from then on its checkpoints record the padded size
+    (HiMixTransformerConfig.padded_vocab_size), so it reloads at any TP that divides it.
+    """
     multiple = divisible_by * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 
@@ -37,7 +41,7 @@ def gpt_model_kwargs(config: HiMixTransformerConfig, lm: LanguageModelConfig) ->
     """GPTModel arguments for a Llama/Qwen2-family decoder described by `lm`."""
     return dict(
         config=config,
-        vocab_size=padded_vocab_size(lm.vocab_size, config.tensor_model_parallel_size),
+        vocab_size=config.padded_vocab_size or padded_vocab_size(lm.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=lm.max_position_embeddings,
         share_embeddings_and_output_weights=lm.tie_embeddings,
         position_embedding_type="rope",
@@ -68,6 +72,7 @@ def connector_config(config: HiMixTransformerConfig) -> HiMixTransformerConfig:
     c.ffn_hidden_size = config.hidden_size
     c.gated_linear_unit = False
     c.activation_func = F.gelu
+    c.bias_activation_fusion = False  # megatron's fused bias-GELU is the tanh approximation; LLaVA's is exact
     c.add_bias_linear = True
     c.sequence_parallel = False
     return c

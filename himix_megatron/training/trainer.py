@@ -19,6 +19,7 @@ import torch
 from himix_megatron import platform
 from himix_megatron.checkpoint import (
     CheckpointError,
+    carried_files,
     ModelDescription,
     build_model,
     checkpoint_tokenizer_dir,
@@ -58,6 +59,7 @@ class Run:
     iteration: int = 0
     consumed_samples: int = 0
     resume_loader_state: Optional[dict] = None
+    carried_files: Optional[dict] = None  # checkpoint files that every later save copies forward
 
 
 def _has_checkpoint(path: Optional[str]) -> bool:
@@ -147,6 +149,7 @@ def _load(run: Run) -> None:
                              optimizer=None if model_only or cfg.no_load_optim else run.optimizer,
                              scheduler=None if model_only else run.scheduler,
                              load_rng=not (model_only or cfg.no_load_rng))
+    run.carried_files = carried_files(result["dir"])
     if not model_only:
         run.iteration = result["iteration"]
         run.consumed_samples = int(meta["train_state"]["consumed_samples"])
@@ -164,6 +167,7 @@ def _save(run: Run, loader) -> None:
         train_state={"stage": cfg.stage, "consumed_samples": run.consumed_samples,
                      "train_iters": run.train_iters, "template": run.template},
         rank_state={"loader": loader.state_dict()}, tokenizer_dir=_tokenizer_files(run.tokenizer_dir),
+        extra_files=run.carried_files,
         optimizer_format=cfg.ckpt_optimizer_format,
     )
     if torch.distributed.get_rank() == 0:

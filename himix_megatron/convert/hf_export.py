@@ -1,0 +1,273 @@
+"""A megatron checkpoint of any TP/PP -> a Hugging Face model directory.
+
+A dist checkpoint is layout-free, so the export loads it into a TP=1/PP=1 model in this process
+(a world of one) and maps the full tensors to HF names:
+
+- arch himix: a remote-code directory (`trust_remote_code=True`): himix_megatron/hf's
+  `HiMixForCausalLM`, the weights as `model.*`, `lm_head.weight`, `vision_tower.vision_model.*`.
+- arch vanilla: transformers' own `LlavaForConditionalGeneration` (no remote code), in the on-disk layout
+  transformers 4 and 5 both load (`language_model.model.*`, `multi_modal_projector.*`,
+  `vision_tower.vision_model.*`). `vision_feature_select_strategy="default"` drops the first patch like
+  our encoder. `<image>` is added to the tokenizer; its id is the first one past the tokenizer's
+  vocabulary, and the embedding (and untied LM head) grows by zero rows when that id is past the
+  model's vocabulary. Zero rows: the image token's embedding is always replaced by the image
+  features. Whenever `<image>` has a row in the LM head, generation_config.json suppresses it.
+- arch uniform / hierarchical are the paper's ablations and have no HF model: refused.
+
+The SigLIP tower is written whole when the tensors our encoder does not hold (last layer,
+post_layernorm, head) are available, from `--hf-vision` or the checkpoint's
+`hf_vision_extra.safetensors` (written by the import), with `vision_feature_layer = -2`. Otherwise the
+tower is written without its last layer and with `vision_feature_layer = -1`, which selects the same
+features; its post_layernorm, which no feature passes through, is then the identity (ones, zeros).
+
+The output directory appears only when complete (written to `<output>.tmp-<pid>`, then renamed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Callable, Optional
+
+import torch
+
+from himix_megatron.convert import layout
+from himix_megatron.convert.hf_files import TOKENIZER_FILES, HFTensors, write_safetensors
+from himix_megatron.convert.hf_import import VISION_EXTRA
+from himix_megatron.convert.layout import ConversionError
+
+IMAGE_TOKEN = "<image>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tp1(load_dir: str):
+    """(description, iter dir, model chunks, encoder, stored dtype): the checkpoint at TP=1/PP=1, in this process.
+
+    The description's vocab_size stays the real one; the model has the saved (padded) number of rows."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from himix_megatron import platform
+    from himix_megatron.checkpoint import build_model, load_checkpoint, read_description, resolve
+    from himix_megatron.config import ParallelConfig
+
+    description = read_description(load_dir)
+    iter_dir = resolve(load_dir)
+    platform.initialize(ParallelConfig())
+    if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
+            parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise ConversionError("export runs in a world of one process (TP=1, PP=1)")
+    stored = dist_checkpointing.load_tensors_metadata(iter_dir)
+    embedding = next((t for k, t in stored.items() if k.endswith("embedding.word_embeddings.weight")), None)
+    if embedding is None:
+        raise ConversionError(f"{iter_dir}: holds no embedding.word_embeddings.weight")
+    # The saved vocabulary is padded for the TP it was saved at; build with exactly that many rows.
+    lm = dataclasses.replace(description.language, vocab_size=embedding.global_shape[0])
+    dtype = embedding.dtype if embedding.dtype in DTYPES.values() else torch.float32
+    # Every weight comes from the checkpoint, so megatron's random init is skipped. (At TP=1 nothing reads
+    # the tensor-parallel attributes megatron then leaves unset; the import, at TP > 1, keeps the init.)
+    chunks, encoder = build_model(dataclasses.replace(description, language=lm), ParallelConfig(),
+                                  params_dtype=dtype, perform_initialization=False)
+    load_checkpoint(iter_dir, chunks, encoder=encoder, load_rng=False)
+    return description, iter_dir, chunks, encoder, embedding.dtype
+
+
+def _vision_tower(vision_state, v, iter_dir: str, hf_vision: Optional[str], log) -> tuple[dict, dict, int]:
+    """(SiglipVisionModel-relative tensors, SigLIP config, vision_feature_layer)."""
+    from himix_megatron.model.vision import _vision_prefix
+
+    tensors = layout.hf_vision_tensors(vision_state, v)
+    config = layout.vision_to_hf(v)
+    extra, where = None, None
+    if hf_vision:
+        source = HFTensors(hf_vision)
+        prefix = _vision_prefix(source)
+        extra = {k[len(prefix):]: source[k] for k in source if k.startswith(prefix)}
+        where = hf_vision
+    elif os.path.isfile(os.path.join(iter_dir, VISION_EXTRA)):
+        from safetensors.torch import load_file
+
+        extra, where = load_file(os.path.join(iter_dir, VISION_EXTRA)), os.path.join(iter_dir, VISION_EXTRA)
+    if extra is not None:
+        needed = {k: s for k, s in layout.siglip_hf_shapes(v, all_layers=True).items() if k not in tensors}
+        needed.update({f"post_layernorm.{k}": (v.hidden_size,) for k in ("weight", "bias")})
+        for key, shape in needed.items():
+            if key not in extra or tuple(extra[key].shape) != shape:
+                raise ConversionError(f"{where}: SigLIP tensor {key!r} is missing or not of shape {shape}")
+        head = [k for k in extra if k.startswith("head.")]  # the pooling head is optional in SigLIP configs
+        tensors.update({k: extra[k] for k in [*needed, *head]})
+        config["vision_use_head"] = bool(head)
+        return tensors, config, -2
+    log("warning: the SigLIP tensors our encoder does not hold (last layer, post_layernorm, head) are not "
+        f"available (no --hf-vision, no {VISION_EXTRA}): writing the tower without its last layer, "
+        "vision_feature_layer=-1 (the same features)")
+    config.update(num_hidden_layers=v.num_layers - 1, vision_use_head=False)
+    tensors.update({"post_layernorm.weight": torch.ones(v.hidden_size),
+                    "post_layernorm.bias": torch.zeros(v.hidden_size)})
+    return tensors, config, -1
+
+
+def _tokenizer(iter_dir: str, out: str, log) -> tuple[Optional[int], dict]:
+    """Copy the tokenizer with `<image>` added; returns (its id or None without a tokenizer, special ids)."""
+    src = os.path.join(iter_dir, "tokenizer")
+    if not os.path.isdir(src):
+        log("warning: the checkpoint has no tokenizer; none is written")
+        return None, {}
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(out, name))
+    ids = {}
+    # generation_config.json (copied above) holds the ids `generate` stops on; the import writes one
+    # from the LM's config.json when the model directory had none.
+    if os.path.isfile(os.path.join(src, "generation_config.json")):
+        with open(os.path.join(src, "generation_config.json"), encoding="utf-8") as f:
+            ids = {k: v for k, v in json.load(f).items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    try:
+        from transformers import AddedToken, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+        if IMAGE_TOKEN not in tok.get_vocab():
+            tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+            tok.save_pretrained(out)
+        return tok.convert_tokens_to_ids(IMAGE_TOKEN), ids
+    except Exception as e:  # noqa: BLE001 - a tokenizer transformers cannot read is copied as it is
+        log(f"warning: transformers cannot load the tokenizer ({e}); copied without an {IMAGE_TOKEN} token")
+        return None, ids
+
+
+def _image_processor(v):
+    from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor(do_resize=True, size={"height": v.image_size, "width": v.image_size}, resample=3,
+                                do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def _export_himix(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids):
+    from himix_megatron.hf import write_remote_code
+    from himix_megatron.hf.configuration_himix import HiMixConfig
+
+    tensors, leftover = layout.hf_lm_tensors(state, d.language)
+    if leftover:
+        raise ConversionError(f"no Hugging Face name for megatron parameters {leftover}")
+    tensors.update({"vision_tower.vision_model." + k: t for k, t in tower.items()})
+    fields = {k: v for k, v in layout.language_to_hf(d.language).items() if k not in ("model_type", "mlp_bias")}
+    fields.update(ids, vision_config=vision_cfg, vision_hidden_size=d.vision.hidden_size,
+                  vision_feature_layer=feature_layer, image_token_index=image_id, architectures=["HiMixForCausalLM"])
+    config = HiMixConfig(**fields)
+    config.auto_map = write_remote_code(tmp)
+    if d.template:
+        config.himix_template = d.template  # the conversation template the model was trained with
+    return tensors, config
+
+
+def _export_vanilla(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids):
+    from transformers import LlavaConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig
+
+    lm = d.language
+    lm_tensors, leftover = layout.hf_lm_tensors(state, lm)
+    projector = {"vision_projection.encoder.linear_fc1": "linear_1", "vision_projection.encoder.linear_fc2": "linear_2"}
+    tensors = {}
+    for name in leftover:
+        module, kind = name.rsplit(".", 1)
+        if module not in projector:
+            raise ConversionError(f"no Hugging Face name for megatron parameter {name!r}")
+        tensors[f"multi_modal_projector.{projector[module]}.{kind}"] = state[name]
+    if image_id is None:
+        raise ConversionError("the vanilla (LLaVA) export needs the checkpoint's tokenizer, to add an <image> token")
+    vocab = max(lm.vocab_size, image_id + 1)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in lm_tensors:
+            lm_tensors[key] = layout.pad_vocab(lm_tensors[key], vocab)
+    tensors.update({"language_model." + k: t for k, t in lm_tensors.items()})
+    tensors.update({"vision_tower.vision_model." + k: t for k, t in tower.items()})
+    text_fields = {k: v for k, v in layout.language_to_hf(lm).items() if k != "model_type"}
+    text_fields.update(ids, vocab_size=vocab)
+    text = (Qwen2Config if lm.qkv_bias else LlamaConfig)(**text_fields)
+    config = LlavaConfig(text_config=text, vision_config=SiglipVisionConfig(**vision_cfg), image_token_index=image_id,
+                         image_seq_length=d.vision.num_features, vision_feature_layer=feature_layer,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         multimodal_projector_bias=True, tie_word_embeddings=lm.tie_embeddings,
+                         architectures=["LlavaForConditionalGeneration"], **ids)
+    return tensors, config
+
+
+def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None, dtype: str = "auto",
+                      max_shard_size="5GB", log: Callable[[str], None] = print) -> str:
+    """Write the HF directory `output` for the checkpoint `load` (a save dir or an iteration dir)."""
+    from himix_megatron.checkpoint import read_description
+
+    output = os.path.normpath(output)
+    if os.path.exists(output):
+        raise ConversionError(f"--output {output} already exists; refusing to overwrite it")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose auto or one of {sorted(DTYPES)}")
+    arch = read_description(load).arch
+    if arch not in ("himix", "vanilla"):
+        raise ConversionError(f"arch {arch!r} is one of the paper's ablations and has no Hugging Face model; "
+                              "export supports arch himix (remote code) and vanilla (LlavaForConditionalGeneration)")
+    d, iter_dir, chunks, encoder, stored = load_tp1(load)
+    state = {n: p.detach() for n, p in chunks[0].named_parameters()}
+    vision_state = {n: p.detach() for n, p in encoder.named_parameters()}
+    target = stored if dtype == "auto" else DTYPES[dtype]
+    tmp = f"{output}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        tower, vision_cfg, feature_layer = _vision_tower(vision_state, d.vision, iter_dir, hf_vision, log)
+        image_id, ids = _tokenizer(iter_dir, tmp, log)
+        # Explicit Nones: the config classes' defaults (Llama's bos 1 / eos 2) must not pose as the real ids.
+        ids = {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        build = _export_himix if arch == "himix" else _export_vanilla
+        tensors, config = build(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids)
+        config.dtype = target
+        config.save_pretrained(tmp)
+        tensors = {k: t.to(target) for k, t in tensors.items()}
+        files = write_safetensors(tensors, tmp, max_shard_size)
+        _generation_config(tmp, ids, image_id, config)
+        processor = _image_processor(d.vision)
+        processor.save_pretrained(tmp)
+        if arch == "vanilla":
+            _save_llava_processor(processor, tmp, d.vision)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported arch={arch} ({d.language.name} + {d.vision.name}) from {iter_dir} -> {output}: "
+        f"{len(tensors)} tensors in {len(files)} file(s), {str(target).replace('torch.', '')}, "
+        f"vision_feature_layer={feature_layer}, image token id {image_id}")
+    return output
+
+
+def _generation_config(out: str, ids: dict, image_id: Optional[int], config) -> None:
+    """The source's generation config (copied with the tokenizer) or one from the special ids, never
+    generating `<image>`: its LM-head row is untrained padding (or zero), and HiMix's forward strips it
+    from every input, generated tokens included."""
+    from transformers import GenerationConfig
+
+    path = os.path.join(out, "generation_config.json")
+    generation = GenerationConfig.from_pretrained(out) if os.path.isfile(path) else \
+        GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    vocab = getattr(config, "text_config", config).vocab_size
+    if image_id is not None and image_id < vocab:
+        generation.suppress_tokens = sorted({*(generation.suppress_tokens or []), image_id})
+    generation.save_pretrained(out)
+
+
+def _save_llava_processor(image_processor, out: str, v) -> None:
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    # SigLIP has no CLS token: (image_size / patch)^2 patches, minus the first one ("default" strategy).
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=0,
+                   image_token=IMAGE_TOKEN).save_pretrained(out)
+    # transformers 5 nests the image processor in processor_config.json; transformers 4 (which most eval
+    # harnesses pin) reads it from preprocessor_config.json and passes every processor_config.json key to
+    # the processor's constructor. The flat form plus preprocessor_config.json serves both.
+    path = os.path.join(out, "processor_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.pop("image_processor", None)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)

@@ -1,0 +1,99 @@
+"""Convert checkpoints between Hugging Face and himix_megatron (megatron-core dist checkpoints).
+
+  import: an HF Llama/Qwen2 decoder + a SigLIP vision tower -> a checkpoint at the given TP x PP
+          (runs TP x PP gloo processes, each building and saving its own shard).
+  export: a checkpoint of any TP/PP -> an HF directory.
+
+    python tools/convert_checkpoint.py import --hf-llm DIR --hf-vision DIR --arch himix \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --output ckpt/ [--template vicuna_v1]
+    python tools/convert_checkpoint.py export --load ckpt/ --output hf_model/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+EXPORT_LAYOUTS = """\
+layouts:
+  hf   arch himix: a trust_remote_code directory: config.json (model_type "himix", auto_map),
+       configuration_himix.py + modeling_himix.py (HiMixForCausalLM), sharded safetensors with
+       model.safetensors.index.json, the tokenizer with an <image> token, generation_config.json,
+       and a SigLIP preprocessor_config.json. Loads in transformers with
+       AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) and generates
+       (pixel_values=...). lmms-eval and VLMEvalKit have no HiMix entry: each needs a small model
+       wrapper around that call.
+       arch vanilla: transformers' own LlavaForConditionalGeneration (no remote code) with a
+       LlavaProcessor, in the on-disk layout transformers 4 and 5 both read (that of the llava-hf
+       releases). Serves transformers and lmms-eval's `llava_hf` model type directly; VLMEvalKit
+       needs a config entry pointing one of its LLaVA-HF model classes at the directory.
+  arch uniform / hierarchical (the paper's ablations) have no HF model and are refused.
+  The HiMix reference repository's own layout (TinyLLaVA style) is not offered: its mixture-attention
+  parameter names are not documented anywhere this tool could check them against.
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="Hugging Face -> megatron checkpoint")
+    imp.add_argument("--hf-llm", required=True, help="LlamaForCausalLM / Qwen2ForCausalLM directory")
+    imp.add_argument("--hf-vision", required=True, help="SiglipVisionModel or SiglipModel directory")
+    imp.add_argument("--arch", required=True, choices=["himix", "vanilla", "uniform", "hierarchical"])
+    imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    imp.add_argument("--output", required=True, help="checkpoint save directory to create")
+    imp.add_argument("--template", default=None, help="conversation template recorded in the checkpoint")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the new (non-HF) parameters")
+
+    exp = sub.add_parser("export", help="megatron checkpoint -> Hugging Face",
+                         epilog=EXPORT_LAYOUTS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("--load", required=True, help="checkpoint save directory (follows `latest`) or iteration dir")
+    exp.add_argument("--output", required=True, help="HF directory to create")
+    exp.add_argument("--layout", default="hf", choices=["hf"], help="output layout (see below)")
+    exp.add_argument("--hf-vision", default=None,
+                     help="SigLIP directory for the tensors our encoder does not hold (last layer, post_layernorm, "
+                          "head) when the checkpoint lacks hf_vision_extra.safetensors")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="tensor dtype on disk; auto = as stored in the checkpoint")
+    exp.add_argument("--max-shard-size", default="5GB")
+    args = parser.parse_args(argv)
+    # megatron-core's notices about Transformer Engine / Apex (absent on CPU) and deprecations say nothing
+    # about the conversion; the environment variable silences them in the spawned import ranks too.
+    os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore::{c}" for c in ("UserWarning", "FutureWarning",
+                                                                                "DeprecationWarning")))
+    warnings.simplefilter("ignore", UserWarning)
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    from himix_megatron.checkpoint import CheckpointError
+    from himix_megatron.config import ConfigError, ParallelConfig
+    from himix_megatron.convert import ConversionError
+    from himix_megatron.model.vision import HFWeightError
+
+    try:
+        if args.command == "import":
+            from himix_megatron.convert.hf_import import import_checkpoint
+
+            parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                      pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+            import_checkpoint(args.hf_llm, args.hf_vision, args.arch, parallel, args.output,
+                              template=args.template, seed=args.seed)
+        else:
+            from himix_megatron.convert.hf_export import export_checkpoint
+
+            export_checkpoint(args.load, args.output, hf_vision=args.hf_vision, dtype=args.dtype,
+                              max_shard_size=args.max_shard_size)
+    except (ConversionError, ConfigError, CheckpointError, HFWeightError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
