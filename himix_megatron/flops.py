@@ -136,6 +136,10 @@ def training_flops(
 ) -> int:
     """Forward + backward FLOPs of one training sample, over the same matmuls as `decoder_cost(...).flops`.
 
+    These are model FLOPs, the matmuls of the textbook backward, as MFU counts them. An implementation
+    may execute less: HiMix's vision K/V backward (model/vision_kv.py) skips the input-gradient matmul
+    that the finetune count below includes, because X_v itself never needs a gradient.
+
     Backward of a matmul costs one forward's worth per operand that needs a gradient: the input gradient
     (dX = dY W^T) whenever a trainable parameter lies upstream of X, the weight gradient (dW = X^T dY)
     only for trainable W. QK^T and AV have two activation operands, so their input gradients can cost

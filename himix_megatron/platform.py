@@ -51,6 +51,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _mpi_launch(env) -> Launch:
+    from mpi4py import MPI  # the `mpi` extra
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    addr, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+    local = int(env.get("MPI_LOCALRANKID", env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    return Launch(rank, comm.Get_size(), local, env.get("MASTER_ADDR", addr), port, "mpi")
+
+
 def discover_launch(env: Optional[dict] = None) -> Launch:
     """Rank, world size and rendezvous address from the launcher's environment."""
     env = os.environ if env is None else env
@@ -59,6 +69,10 @@ def discover_launch(env: Optional[dict] = None) -> Launch:
             int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
             env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
         )
+    # mpirun inside an sbatch allocation inherits the batch step's SLURM_PROCID / SLURM_NTASKS; these
+    # variables are set by Open MPI's and MPICH's own launchers only, never by srun.
+    if "OMPI_COMM_WORLD_RANK" in env or "MPI_LOCALRANKID" in env:
+        return _mpi_launch(env)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         if "SLURM_NODELIST" not in env and "MASTER_ADDR" not in env:
             raise RuntimeError("SLURM launch: neither SLURM_NODELIST nor MASTER_ADDR is set")
@@ -69,14 +83,8 @@ def discover_launch(env: Optional[dict] = None) -> Launch:
             int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
             addr, port, "slurm",
         )
-    if any(k in env for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
-        from mpi4py import MPI  # the `mpi` extra
-
-        comm = MPI.COMM_WORLD
-        rank = comm.Get_rank()
-        addr, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
-        local = int(env.get("MPI_LOCALRANKID", env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
-        return Launch(rank, comm.Get_size(), local, env.get("MASTER_ADDR", addr), port, "mpi")
+    if "PMI_RANK" in env or "PMIX_RANK" in env:
+        return _mpi_launch(env)
     return Launch(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 

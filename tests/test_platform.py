@@ -28,6 +28,13 @@ def test_slurm_environment():
     assert launch.master_port == 20000 + 4242
 
 
+def test_mpirun_inside_an_sbatch_allocation_is_mpi_not_slurm():
+    # The batch step's SLURM_PROCID=0 / SLURM_NTASKS would give every mpirun rank rank 0.
+    launch = discover_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_NODELIST": "gpu1",
+                              "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0"})
+    assert (launch.launcher, launch.world_size) == ("mpi", 1)  # mpi4py's singleton in this process
+
+
 @pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[3-5]", "a3"), ("gpu[07,09],cpu1", "gpu07"),
                                             ("x-y[010-011]", "x-y010")])
 def test_first_slurm_host(nodelist, first):

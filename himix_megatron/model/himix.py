@@ -19,8 +19,11 @@ layer receives width-d features). Neither has RMSNorm_v or dedicated W_K,v / W_V
 
 Tensor parallelism: W_K,v and W_V,v form one column-parallel linear whose output rows are grouped
 per query group, [k_g; v_g] for g = 0..G-1, exactly like the text K/V. Each TP rank thus owns the
-vision K/V of its own heads, and the only extra communication is the all-reduce of the gradient
-w.r.t. the normalised X_v, which is replicated on every rank.
+vision K/V of its own heads, and the only extra communication is in the backward: RMSNorm_v's
+weight is replicated on every rank, so its gradient sums over all ranks' rows. The local spec
+all-reduces that gradient itself (d_v numbers, model/vision_kv.py, which also skips the input-gradient
+GEMM that X_v, frozen, does not need); TE's fused norm-linear all-reduces the gradient w.r.t. the
+normalised X_v instead.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
+from himix_megatron.model import vision_kv
 from himix_megatron.model.common import connector_config, connector_submodules
 
 
@@ -101,8 +105,13 @@ class MixtureAttention(SelfAttention):
             # megatron's MLP hands back fc2's bias separately, for fusion into a residual add.
             vision_features, bias = self.vision_connector(vision_features)
             vision_features = vision_features if bias is None else vision_features + bias
-        x = self.vision_norm(vision_features)
-        mixed = self.linear_kv_vision(x)[0] if self.linear_kv_vision is not None else self._shared_key_value(x)
+        if self.linear_kv_vision is not None and vision_kv.can_fuse(vision_features, self.vision_norm,
+                                                                   self.linear_kv_vision):
+            # Local spec: one backward GEMM instead of two, since X_v needs no gradient (vision_kv.py).
+            mixed = vision_kv.vision_key_value(vision_features, self.vision_norm, self.linear_kv_vision)
+        else:
+            x = self.vision_norm(vision_features)
+            mixed = self.linear_kv_vision(x)[0] if self.linear_kv_vision is not None else self._shared_key_value(x)
         mixed = mixed.view(*mixed.shape[:2], self.num_query_groups_per_partition, 2 * self.hidden_size_per_attention_head)
         key, value = mixed.chunk(2, dim=-1)
         return key, value
@@ -172,6 +181,8 @@ def himix_layer_spec(use_te: bool, arch: str = "himix") -> ModuleSpec:
         )
 
         gpt = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        # TE's fused norm-linear keeps its own backward, input gradient included: vision_kv.py's
+        # GEMM-skipping backward would bypass TE's kernels and FP8 casts, so it serves the local spec only.
         core_attention, vision_norm, linear_kv_vision = TEDotProductAttention, IdentityOp, TELayerNormColumnParallelLinear
         keys_map = {}
     else:
