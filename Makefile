@@ -21,7 +21,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/tp_forward_backward.py
+	$(PY) examples/cpu_demo.py
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -357,4 +357,8 @@ def build_model(description: ModelDescription, parallel: ParallelConfig, *, use_
         encoder = VisionEncoder(build_vision_config(description.vision, parallel, params_dtype=params_dtype,
                                                     use_cpu_initialization=use_cpu_initialization),
                                 description.vision)
+    # As Megatron-LM's Float16Module does: every parameter in the training dtype, norms included
+    # (some are created in fp32); the optimizer keeps the fp32 main copies.
+    for module in chunks + ([encoder] if encoder is not None else []):
+        module.to(params_dtype)
     return chunks, encoder

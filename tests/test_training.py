@@ -136,3 +136,15 @@ def test_a_nan_step_is_skipped_and_too_many_abort_with_a_checkpoint(synthetic, t
     assert open(os.path.join(aborting.save, "latest")).read().strip() == "iter_0000003"
     [saved] = run_world(1, ParallelConfig(), _weights, aborting.save)
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+@pytest.mark.slow
+def test_bf16_with_the_distributed_optimizer_trains(synthetic, tmp_path):
+    """bf16 weights and activations, fp32 main parameters and gradients (megatron's mixed precision)."""
+    cfg = _cfg(synthetic, bf16=True, use_distributed_optimizer=True, global_batch_size=16, train_iters=8,
+               recompute_granularity="full")
+    results = run_world(2, _parallel(cfg), _train, cfg)
+    losses = _losses(results[0])
+    assert all(math.isfinite(x) for x in losses) and not any(h["skipped"] for h in results[0]["history"])
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert _losses(results[1]) == losses  # every rank logs the same global-batch loss

@@ -127,6 +127,11 @@ def _tokenizer(iter_dir: str, out: str, log) -> tuple[Optional[int], dict]:
         from transformers import AddedToken, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+        # A checkpoint trained from scratch has no generation_config.json: the tokenizer's own
+        # special tokens are then the ids to stop on.
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if ids.get(key) is None and getattr(tok, key, None) is not None:
+                ids[key] = getattr(tok, key)
         if IMAGE_TOKEN not in tok.get_vocab():
             tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
             tok.save_pretrained(out)

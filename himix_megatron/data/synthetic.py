@@ -53,6 +53,10 @@ class SyntheticConfig:
     seed: int = 0
     question_types: tuple[str, ...] = ("colour", "shape", "position")
     maxcount: int = 1000  # samples per shard
+    # Shape radius as a fraction of the image side (+-0.01 jitter). 0.15 keeps the three positions
+    # apart; the CPU demo draws them larger (0.2) so that a frozen *random* encoder still separates
+    # the shapes within its step budget.
+    shape_radius: float = 0.15
 
     def __post_init__(self):
         unknown = [q for q in self.question_types if q not in QUESTIONS]
@@ -62,6 +66,8 @@ class SyntheticConfig:
             raise DataError(f"image_size={self.image_size} is too small to draw shapes (>= 16)")
         if self.num_samples < 1:
             raise DataError(f"num_samples={self.num_samples} must be >= 1")
+        if not 0.05 <= self.shape_radius <= 0.25:
+            raise DataError(f"shape_radius={self.shape_radius} must be in [0.05, 0.25] of the image side")
 
 
 @dataclass
@@ -77,11 +83,12 @@ class SyntheticReport:
         return asdict(self)
 
 
-def draw(colour: str, shape: str, position: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def draw(colour: str, shape: str, position: str, size: int, rng: np.random.Generator,
+         radius: float = 0.15) -> np.ndarray:
     """uint8 [size, size, 3] image of one shape."""
     bg = rng.uniform(20, 70)
     img = np.clip(bg + rng.normal(0, 4, (size, size, 3)), 0, 255)
-    r = size * rng.uniform(0.14, 0.16)
+    r = size * rng.uniform(radius - 0.01, radius + 0.01)
     cx = size * {"left": 1 / 6, "middle": 1 / 2, "right": 5 / 6}[position] + rng.uniform(-0.02, 0.02) * size
     cy = size / 2 + rng.uniform(-0.06, 0.06) * size
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
@@ -110,7 +117,7 @@ def make_records(cfg: SyntheticConfig) -> tuple[list[RawRecord], SyntheticReport
         attrs = {"colour": str(rng.choice(ANSWERS["colour"])), "shape": str(rng.choice(SHAPES)),
                  "position": str(rng.choice(POSITIONS))}
         attrs[qtype] = answer
-        pixels = draw(attrs["colour"], attrs["shape"], attrs["position"], cfg.image_size, rng)
+        pixels = draw(attrs["colour"], attrs["shape"], attrs["position"], cfg.image_size, rng, cfg.shape_radius)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
         question = QUESTIONS[qtype]
@@ -175,11 +182,13 @@ def main(argv=None) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--num-samples", type=int, default=SyntheticConfig.num_samples)
     p.add_argument("--image-size", type=int, default=SyntheticConfig.image_size)
+    p.add_argument("--shape-radius", type=float, default=SyntheticConfig.shape_radius)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--maxcount", type=int, default=SyntheticConfig.maxcount)
     p.add_argument("--tokenizer-dir", help="also write a word-level tokenizer for this data here")
     args = p.parse_args(argv)
-    report = generate(SyntheticConfig(args.num_samples, args.image_size, args.seed, maxcount=args.maxcount),
+    report = generate(SyntheticConfig(args.num_samples, args.image_size, args.seed, maxcount=args.maxcount,
+                                      shape_radius=args.shape_radius),
                       args.output, progress=True)
     if args.tokenizer_dir:
         write_word_tokenizer(args.tokenizer_dir)
