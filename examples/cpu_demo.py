@@ -97,9 +97,13 @@ print(json.dumps({{"question": question, "expected": sample.record["conversation
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=os.path.join(REPO, "demo-run"))
-    p.add_argument("--samples", type=int, default=3000)
-    p.add_argument("--pretrain-iters", type=int, default=60)
-    p.add_argument("--finetune-iters", type=int, default=400)
+    # 9000 samples give each question type 3000 images; with 3000 in all, the shape answers were
+    # learnt from too few images and held-out accuracy stalled at 0.89.
+    p.add_argument("--samples", type=int, default=9000)
+    # The decoder starts from random weights, so pretraining (vision K/V only, LM frozen) can do
+    # little here; it runs briefly to exercise the stage and the weights-only hand-over.
+    p.add_argument("--pretrain-iters", type=int, default=20)
+    p.add_argument("--finetune-iters", type=int, default=800)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--skip-vanilla", action="store_true")
     args = p.parse_args()
@@ -109,8 +113,8 @@ def main() -> None:
     from himix_megatron.data.synthetic import SyntheticConfig, generate, write_word_tokenizer
 
     print("1. synthetic shards", flush=True)
-    generate(SyntheticConfig(num_samples=args.samples, image_size=IMAGE_SIZE, seed=0, shape_radius=0.2), os.path.join(data, "train"))
-    report = generate(SyntheticConfig(num_samples=300, image_size=IMAGE_SIZE, seed=1, shape_radius=0.2), os.path.join(data, "valid"))
+    generate(SyntheticConfig(num_samples=args.samples, image_size=IMAGE_SIZE, seed=0, shape_radius=0.25), os.path.join(data, "train"))
+    report = generate(SyntheticConfig(num_samples=600, image_size=IMAGE_SIZE, seed=1, shape_radius=0.25), os.path.join(data, "valid"))
     write_word_tokenizer(os.path.join(data, "tokenizer"))
     chance = report.text_only_chance_accuracy
 

@@ -54,7 +54,7 @@ class SyntheticConfig:
     question_types: tuple[str, ...] = ("colour", "shape", "position")
     maxcount: int = 1000  # samples per shard
     # Shape radius as a fraction of the image side (+-0.01 jitter). 0.15 keeps the three positions
-    # apart; the CPU demo draws them larger (0.2) so that a frozen *random* encoder still separates
+    # apart; the CPU demo draws them larger (0.25, touching the border on the left and right) so that a frozen *random* encoder still separates
     # the shapes within its step budget.
     shape_radius: float = 0.15
 
@@ -95,7 +95,7 @@ def draw(colour: str, shape: str, position: str, size: int, rng: np.random.Gener
     if shape == "circle":
         mask = (x - cx) ** 2 + (y - cy) ** 2 <= r**2
     elif shape == "square":
-        mask = (np.abs(x - cx) <= 0.9 * r) & (np.abs(y - cy) <= 0.9 * r)
+        mask = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)  # the circle inscribed: 27% less area
     else:  # upward triangle: half-width grows from 0 at the apex to r at the base
         t = (y - (cy - r)) / (2 * r)
         mask = (t >= 0) & (t <= 1) & (np.abs(x - cx) <= t * r * 1.15)
