@@ -102,7 +102,12 @@ def test_activation_recompute_reproduces_dropout():  # point 3
     [((loss, grads), (loss_rc, grads_rc))] = run_world(1, ParallelConfig(), _recompute_matches)
     assert torch.equal(loss, loss_rc)
     for name in grads:
-        torch.testing.assert_close(grads_rc[name], grads[name], atol=0, rtol=0, msg=name)
+        # Bit-exact except RMSNorm_v: under full recompute megatron's checkpoint hands X_v to the
+        # layer as a tensor requiring grad, so vision_kv.can_fuse takes the unfused path there, whose
+        # norm-weight gradient differs from the fused one by rounding (4e-9 seen). A wrong dropout
+        # mask changes gradients by orders of magnitude more.
+        exact = "vision_norm" not in name
+        torch.testing.assert_close(grads_rc[name], grads[name], atol=0 if exact else 1e-7, rtol=0, msg=name)
 
 
 def _exchange_with_the_same_peer():

@@ -23,9 +23,10 @@ FP8_FORMATS = ("hybrid", "e4m3")
 @dataclass
 class TrainConfig:
     # --- model (ignored when --load names a checkpoint, which describes its own model)
-    arch: str = field(default="himix", metadata={"choices": ARCHS})
+    arch: str = field(default="himix", metadata={"choices": ARCHS, "help": "ignored with --load (and below)"})
     model: str = field(default="tiny", metadata={"help": "language model preset (himix_megatron.config)"})
-    vision_model: str = field(default="tiny", metadata={"help": "vision encoder preset"})
+    vision_model: str = field(default="tiny", metadata={"help": "vision encoder preset; without --load only "
+                                                                  "the random tiny ones"})
     stage: str = field(default="finetune", metadata={"choices": STAGES,
                        "help": "pretrain trains the vision parameters only; the others the LM too"})
     # --- parallelism
