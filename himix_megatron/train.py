@@ -9,6 +9,7 @@ import sys
 
 
 def main(argv=None) -> int:
+    from himix_megatron.checkpoint import CheckpointError
     from himix_megatron.config import ConfigError
     from himix_megatron.data import DataError
     from himix_megatron.training.config import parse_args
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
             train(cfg)
         finally:
             platform.shutdown()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"himix-train: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,14 +19,15 @@ import torch
 
 from himix_megatron import platform
 from himix_megatron.checkpoint import (
-    CheckpointError,
+    DESCRIPTION,
+    LATEST,
+    MANIFEST,
     carried_files,
     ModelDescription,
     build_model,
     checkpoint_tokenizer_dir,
     load_checkpoint,
     read_metadata,
-    resolve,
     save_checkpoint,
 )
 from himix_megatron.config import ConfigError, ParallelConfig, language_model_preset, vision_model_preset
@@ -63,15 +65,12 @@ class Run:
 
 
 def _has_checkpoint(path: Optional[str]) -> bool:
-    if path is None:
+    """Whether --load names something to load. A missing or empty directory (or one holding only the
+    debris of a crashed first save) is a first start, as under --save D --load D; anything else must
+    then load, or fail with the reason."""
+    if path is None or not os.path.isdir(path):
         return False
-    try:
-        resolve(path)
-        return True
-    except CheckpointError as e:
-        if "no such directory" in str(e) or ("no complete checkpoint" in str(e) and "\n" not in str(e)):
-            return False  # nothing saved yet: a first start under --load == --save
-        raise
+    return any(n == LATEST or n.startswith("iter_") or n in (DESCRIPTION, MANIFEST) for n in os.listdir(path))
 
 
 def _description(cfg: TrainConfig, loading: bool) -> ModelDescription:
@@ -175,8 +174,6 @@ def _save(run: Run, loader) -> None:
 
 
 def _tokenizer_files(path: str) -> str:
-    import os
-
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
