@@ -289,8 +289,8 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], *, e
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    iter_dir = resolve(load_dir)
-    meta = verify(iter_dir)
+    iter_dir = resolve(load_dir)  # verified there
+    meta = _read_json(os.path.join(iter_dir, DESCRIPTION))
     contents = set(meta["contents"])
     same_layout = meta["parallel"] == _parallel_layout()
     if optimizer is not None and "optimizer" in contents and not same_layout \

@@ -8,6 +8,8 @@ accuracy without running a generation loop through the pipeline.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +39,7 @@ def evaluate(run, paths: list, metrics=None) -> dict:
     loader = training_data.build_valid_loader(run, paths, run.cfg.eval_iters)
     totals = torch.zeros(4, dtype=torch.float64)
     vocab = run.description.language.vocab_size
-    score = lambda mb, logits: _score(vocab, mb, logits)  # noqa: E731
+    score = partial(_score, vocab)
     for microbatches in training_data.microbatch_stream(loader, run.num_microbatches, finite=True):
         stats = forward_backward(run.chunks, microbatches, run.encoder,
                                  vision_tokens=run.description.vision.num_features, forward_only=True, score=score)

@@ -27,7 +27,9 @@ from himix_megatron.checkpoint import (
     build_model,
     checkpoint_tokenizer_dir,
     load_checkpoint,
+    read_description,
     read_metadata,
+    resolve,
     save_checkpoint,
 )
 from himix_megatron.config import ConfigError, ParallelConfig, language_model_preset, vision_model_preset
@@ -73,9 +75,9 @@ def _has_checkpoint(path: Optional[str]) -> bool:
     return any(n == LATEST or n.startswith("iter_") or n in (DESCRIPTION, MANIFEST) for n in os.listdir(path))
 
 
-def _description(cfg: TrainConfig, loading: bool) -> ModelDescription:
-    if loading:
-        return ModelDescription.from_dict(read_metadata(cfg.load)["model"])
+def _description(cfg: TrainConfig, checkpoint: Optional[str]) -> ModelDescription:
+    if checkpoint is not None:
+        return read_description(checkpoint)
     vision = vision_model_preset(cfg.vision_model)
     if not vision.name.startswith("tiny"):
         raise ConfigError(f"--vision-model {cfg.vision_model} without --load would train on a randomly initialised "
@@ -95,10 +97,11 @@ def setup(cfg: TrainConfig) -> Run:
     check(cfg, launch.world_size, te_available=te_available(), cuda=torch.cuda.is_available())
     platform.initialize(parallel, seed=cfg.seed, launch=launch)
 
-    loading = _has_checkpoint(cfg.load)
-    description = _description(cfg, loading)
+    # Resolved once, so every read below comes from the same iteration even if a save lands meanwhile.
+    checkpoint = resolve(cfg.load) if _has_checkpoint(cfg.load) else None
+    description = _description(cfg, checkpoint)
     template = cfg.template or description.template or "vicuna_v1"
-    tokenizer_dir = cfg.tokenizer_model or (checkpoint_tokenizer_dir(cfg.load) if loading else None)
+    tokenizer_dir = cfg.tokenizer_model or (checkpoint_tokenizer_dir(checkpoint) if checkpoint else None)
     if tokenizer_dir is None:
         raise ConfigError("--tokenizer-model is required (the checkpoint has no tokenizer files)")
     tokenizer = training_data.load_tokenizer_checked(tokenizer_dir, description.language)
@@ -134,17 +137,17 @@ def setup(cfg: TrainConfig) -> Run:
               f"stage {cfg.stage}, TP={parallel.tensor_model_parallel_size} PP={parallel.pipeline_model_parallel_size}"
               f" DP={dp}, {trainable:,} trainable parameters, {train_iters} iterations of {gbs} samples "
               f"({run.num_microbatches} micro-batches of {cfg.micro_batch_size} per DP rank)", flush=True)
-    if loading:
-        _load(run)
+    if checkpoint is not None:
+        _load(run, checkpoint)
     return run
 
 
-def _load(run: Run) -> None:
+def _load(run: Run, checkpoint: str) -> None:
     cfg = run.cfg
-    meta = read_metadata(cfg.load)
+    meta = read_metadata(checkpoint)
     same_stage = meta["train_state"].get("stage") == cfg.stage
     model_only = cfg.finetune or not same_stage or "optimizer" not in meta["contents"]
-    result = load_checkpoint(cfg.load, run.chunks, encoder=run.encoder,
+    result = load_checkpoint(checkpoint, run.chunks, encoder=run.encoder,
                              optimizer=None if model_only or cfg.no_load_optim else run.optimizer,
                              scheduler=None if model_only else run.scheduler,
                              load_rng=not (model_only or cfg.no_load_rng))
@@ -203,8 +206,7 @@ def train_step(run: Run, microbatches, inject_nan: bool = False) -> tuple[list[f
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    encode = run.encoder if run.encoder is not None else None
-    stats = forward_backward(run.chunks, microbatches, encode, vision_tokens=run.description.vision.num_features)
+    stats = forward_backward(run.chunks, microbatches, run.encoder, vision_tokens=run.description.vision.num_features)
     text_tokens = sum(int(mb.lengths.sum()) for mb in microbatches)
     reduced = _reduce_step_stats(stats, text_tokens, sum(mb.tokens.shape[0] for mb in microbatches))
     if inject_nan:
