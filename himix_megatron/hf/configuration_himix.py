@@ -16,7 +16,7 @@ from transformers import PreTrainedConfig, SiglipVisionConfig
 
 class HiMixConfig(PreTrainedConfig):
     model_type = "himix"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     sub_configs_defaults = {"vision_config": SiglipVisionConfig}
 
     vocab_size: int = 32000

@@ -33,6 +33,12 @@ from .configuration_himix import HiMixConfig
 # Beam search reorders only the text cache, which is harmless: beams of one sample share the same image.
 _VISION_KV_ATTR = "himix_vision_kv"
 
+# transformers 5.24 renamed the cache everywhere from `past_key_values` to `cache`: generate() passes it to
+# forward() under the new name and reads it back from the output's `cache` field. Earlier 5.x releases use the
+# old name for both. forward() takes either keyword, and the output carries the cache under the field that the
+# installed release declares, so the same file serves both sides of the rename.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 def _vision_kv_store(cache) -> dict | None:
     if cache is None:
@@ -245,7 +251,7 @@ class HiMixPreTrainedModel(PreTrainedModel):
     config: HiMixConfig
     base_model_prefix = "model"
     _no_split_modules = ["HiMixDecoderLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     # Only the SigLIP tower follows config._attn_implementation; the mixture attention always uses SDPA
     # with an explicit mask, because the bottom-right causal alignment needs one.
     _supports_sdpa = True
@@ -293,6 +299,7 @@ class HiMixForCausalLM(HiMixPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         past_key_values=None,
+        cache=None,
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -324,6 +331,9 @@ class HiMixForCausalLM(HiMixPreTrainedModel, GenerationMixin):
                     f"vision_features batch ({vision_features.shape[0]}) != input_ids batch ({input_ids.shape[0]})"
                 )
 
+        if past_key_values is not None and cache is not None:
+            raise ValueError("pass the cache as either past_key_values or cache, not both")
+        past_key_values = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if not use_cache:
             past_key_values = None
@@ -336,7 +346,7 @@ class HiMixForCausalLM(HiMixPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values})
         return output.to_tuple() if return_dict is False else output
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration=False, **kwargs):
