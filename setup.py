@@ -13,7 +13,11 @@ setup(
         "torch>=2.4",
         # Exact: cpu_compat.py patches known sites of this release.
         "megatron-core==0.16.1",
-        "transformers>=5.0,<6",  # the exported remote code is written for the 5.x config API
+        # 5.6 is the oldest release the tests pass with: from 5.6 on SiglipVisionModel holds its tensors
+        # flat (`embeddings.*`, `encoder.*`); 5.0-5.5 nest them under `vision_model.`, which the SigLIP
+        # import (model/vision.py) and the remote code's tower do not expect. The range verified in CI
+        # is himix_megatron/hf's TESTED_TRANSFORMERS (make test-hf-matrix).
+        "transformers>=5.6,<6",
         "safetensors",
         "sentencepiece",
         "tokenizers",

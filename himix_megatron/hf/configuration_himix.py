@@ -17,7 +17,11 @@ from transformers import PreTrainedConfig, SiglipVisionConfig
 class HiMixConfig(PreTrainedConfig):
     model_type = "himix"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # transformers >= 5.20 declares sub-configs in `sub_configs_defaults` (and derives `sub_configs` from it);
+    # earlier 5.x releases read `sub_configs` only. Both are given, and __post_init__ builds the vision config
+    # itself, so the same file serves both sides.
     sub_configs_defaults = {"vision_config": SiglipVisionConfig}
+    sub_configs = {"vision_config": SiglipVisionConfig}
 
     vocab_size: int = 32000
     hidden_size: int = 2048
@@ -49,6 +53,10 @@ class HiMixConfig(PreTrainedConfig):
     image_token_index: int | None = None
 
     def __post_init__(self, **kwargs):
+        if self.vision_config is None:
+            self.vision_config = SiglipVisionConfig()
+        elif isinstance(self.vision_config, dict):
+            self.vision_config = SiglipVisionConfig(**self.vision_config)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
