@@ -69,6 +69,16 @@ def test_weighted_data_path(shards):
     (["--eval-interval", "10"], 1, "--eval-interval needs --valid-data-path"),
     (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr 1.0 is above --lr 0.1"),
     (["--lr-warmup-fraction", "1.5"], 1, "--lr-warmup-fraction 1.5 must be in"),
+    # packing
+    (["--packing-seq-length", "64", "--micro-batch-size", "2"], 1, "--packing-seq-length needs --micro-batch-size 1"),
+    (["--packing-seq-length", "16", "--seq-length", "32"], 1, "--packing-seq-length 16 is below --seq-length 32"),
+    (["--packing-seq-length", "60", "--seq-length", "32"], 1, "--packing-seq-length 60 must be a multiple of 8"),
+    (["--packing-seq-length", "64", "--seq-length", "32", "--global-batch-size", "8", "--packing-buffer-size", "9"],
+     1, r"--packing-buffer-size 9 must be in \[1, global batch / DP = 8\]"),
+    (["--packing-buffer-size", "4"], 1, "--packing-buffer-size needs --packing-seq-length"),
+    (["--packing-max-images", "4"], 1, "--packing-max-images needs --packing-seq-length"),
+    (["--packing-seq-length", "64", "--seq-length", "32", "--pad-to-seq-length"], 1,
+     "--pad-to-seq-length and --packing-seq-length exclude each other"),
 ])
 def test_bad_combinations_are_refused_before_any_compute(shards, extra, world, message):
     cfg = parse_args(_args(shards, *extra))

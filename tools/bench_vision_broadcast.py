@@ -42,14 +42,14 @@ def main():
     batches = [MicroBatch(tokens, torch.arange(m)[None], tokens, torch.ones(1, m), images=torch.randn(n, 1, vision.hidden_size))
                for _ in range(args.micro_batches)]
     first = parallel_state.is_pipeline_first_stage()
-    shape = (args.micro_batches, n, 1, vision.hidden_size)
-    features = torch.stack([b.images for b in batches]) if first else None
+    columns = [1] * args.micro_batches
+    features = [b.images if first else None for b in batches]
 
     broadcast, steps = [], []
     for _ in range(args.repeats + 1):  # the first round warms up
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        share_vision_features(features, shape, torch.float32)
+        share_vision_features(features, columns, n, vision.hidden_size, torch.float32)
         broadcast.append(time.perf_counter() - t0)
         torch.distributed.barrier()
         t0 = time.perf_counter()

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from himix_megatron.data.collate import CollateConfig, Sample, collate
 from himix_megatron.data.image import ImageConfig, load_and_preprocess, normalize
+from himix_megatron.data.packing import PackingConfig, pack
 from himix_megatron.data.records import DataError, SampleError, parse_conversation
 from himix_megatron.data.sampler import SampleOrder, rank_position, rank_stream_length
 from himix_megatron.data.shards import ShardDirectory, ShardReader, ShardSample
@@ -95,7 +96,11 @@ class LoaderConfig:
     max_drop_rate: float = 0.1
     num_samples: Optional[int] = None  # length of the global stream; None = endless
     drop_last: bool = True
-    pad_to: str = "seq_length"
+    pad_to: str = "seq_length"  # or "longest": each micro-batch padded to its longest sample
+    pad_multiple: int = 1  # with pad_to="longest", round the width up to a multiple of this
+    # Packing: each yield is then a list of packed rows (data/packing.py) made from micro_batch_size
+    # consecutive samples of the rank stream, so the state stays exact at every yield.
+    packing: Optional[PackingConfig] = None
     blend_chunk: int = 10000
 
     def __post_init__(self):
@@ -267,7 +272,8 @@ class ShardLoader:
         self.order = SampleOrder(self.data.sizes, self._weights(), seed=cfg.seed, shuffle=cfg.shuffle,
                                  chunk=cfg.blend_chunk)
         self.encoder = SampleEncoder(tokenizer, cfg.template, cfg.image, cfg.seq_length, normalize=False)
-        self.collate_cfg = CollateConfig(cfg.seq_length, tokenizer.pad_id, cfg.pad_to, image_size=cfg.image.size)
+        self.collate_cfg = CollateConfig(cfg.seq_length, tokenizer.pad_id, cfg.pad_to, cfg.pad_multiple,
+                                         image_size=cfg.image.size)
         self.position = 0
         self.counters = _Counters()
         self._warned: set[str] = set()
@@ -354,14 +360,19 @@ class ShardLoader:
                 bad_run = 0
                 pending_items.append(item.sample)
                 if len(pending_items) == self.cfg.micro_batch_size:
-                    batch = collate(pending_items, self.collate_cfg)
+                    batch = self._batch(pending_items)
                     self._commit(pending)
                     pending_items, pending = [], _Counters()
                     yield batch
         last = pending_items if pending_items and not self.cfg.drop_last else None
         self._commit(pending)
         if last:
-            yield collate(last, self.collate_cfg)
+            yield self._batch(last)
+
+    def _batch(self, samples: list[Sample]):
+        if self.cfg.packing is not None:
+            return pack(samples, self.collate_cfg, self.cfg.packing)
+        return collate(samples, self.collate_cfg)
 
     def _commit(self, pending: _Counters) -> None:
         self.position += pending.seen

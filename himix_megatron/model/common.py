@@ -62,6 +62,14 @@ def check_vision_features(vision_features: Tensor, width: int, batch: Optional[i
         )
 
 
+def check_packed_vision_features(vision_features: Tensor, width: int, packed_seq_params) -> None:
+    """A packed row's X_v is [N, images, d_v]: one column per segment with an image, in segment order."""
+    images, n = packed_seq_params.num_images, packed_seq_params.vision_tokens
+    if tuple(vision_features.shape) != (n, images, width):
+        raise ValueError(f"vision_features of a packed row must be [N={n}, images={images}, d_v={width}] "
+                         f"(one column per segment with an image), got {tuple(vision_features.shape)}")
+
+
 def connector_config(config: HiMixTransformerConfig) -> HiMixTransformerConfig:
     """A LLaVA connector's config: 2-layer GELU MLP d_v -> d -> d, with biases, not gated.
 

@@ -27,6 +27,35 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def _segment_lengths(packed_seq_params) -> tuple[list[int], list[int]]:
+    """Per-segment query and key lengths, from the Python ints of a SegmentParams when it has them."""
+    lengths = getattr(packed_seq_params, "seqlens_q", None)
+    if lengths is not None:
+        return list(lengths), list(packed_seq_params.seqlens_kv)
+    return (packed_seq_params.cu_seqlens_q.diff().tolist(), packed_seq_params.cu_seqlens_kv.diff().tolist())
+
+
+def packed_sdpa(query: Tensor, key: Tensor, value: Tensor, packed_seq_params, *, dropout: float = 0.0,
+                scale: Optional[float] = None) -> Tensor:
+    """`thd` attention, causal and aligned bottom-right within each segment: one SDPA call per segment.
+
+    query [T, heads, hn], key/value [K, groups, hn] -> [T, heads * hn]. Segment i's queries see only
+    segment i's keys; with more keys than queries (HiMix: [v_i; t_i]) the diagonal is aligned bottom-right,
+    which for a square segment (vanilla) is ordinary causal attention. The cost is the sum over segments,
+    not quadratic in their number. (Measured on this CPU against one SDPA call with a block-diagonal mask
+    over the whole row: tools/bench_packing.py --attention.)
+    """
+    heads, hn = query.shape[1], query.shape[2]
+    q_lengths, kv_lengths = _segment_lengths(packed_seq_params)
+    outputs = []
+    for q, k, v in zip(query.split(q_lengths), key.split(kv_lengths), value.split(kv_lengths)):
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, s, hn]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+                                             dropout_p=dropout, scale=scale, enable_gqa=k.shape[1] != heads)
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs).reshape(query.shape[0], heads * hn)
+
+
 class SDPAttention(MegatronModule):
     """Drop-in for megatron's core attention: q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np*hn]."""
 
@@ -42,8 +71,17 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias=None, packed_seq_params=None):
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("SDPAttention supports neither attention_bias nor packed sequences")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention does not support attention_bias")
+        # Heads differ across TP ranks, so their dropout masks must differ too. Under sequence
+        # parallelism the whole block already runs inside the model-parallel RNG fork.
+        rng = nullcontext() if self.config.sequence_parallel else tensor_parallel.get_cuda_rng_tracker().fork()
+        dropout = self.dropout if self.training else 0.0
+        if packed_seq_params is not None:
+            if attention_mask is not None:
+                raise ValueError("packed sequences take no attention mask: segments define what is visible")
+            with rng:
+                return packed_sdpa(query, key, value, packed_seq_params, dropout=dropout, scale=self.softmax_scale)
         mask_type = attn_mask_type or self.attn_mask_type
         sq, b, heads, hn = query.shape
         # SDPA wants [b, heads, s, hn]
@@ -55,10 +93,6 @@ class SDPAttention(MegatronModule):
             mask = causal_lower_right(sq, key.shape[0])
         else:
             mask = None
-        dropout = self.dropout if self.training else 0.0
-        # Heads differ across TP ranks, so their dropout masks must differ too. Under sequence
-        # parallelism the whole block already runs inside the model-parallel RNG fork.
-        rng = nullcontext() if self.config.sequence_parallel else tensor_parallel.get_cuda_rng_tracker().fork()
         with rng:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale,

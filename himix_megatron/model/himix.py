@@ -129,27 +129,43 @@ class MixtureAttention(SelfAttention):
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor], key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, packed_seq_params=None, **unused):
-        if inference_context is not None or packed_seq_params is not None:
+        if inference_context is not None:
             raise NotImplementedError(
-                "HiMix attention supports neither megatron inference contexts nor packed sequences; "
-                "generate through the Hugging Face export"
+                "HiMix attention does not support megatron inference contexts; generate through the Hugging Face export"
             )
         query, key, value = self.get_query_key_value_tensors(hidden_states)
         if rotary_pos_emb is not None:
             q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            if packed_seq_params is not None:
+                # Text positions restart in every segment. Rotating here, before the vision keys join,
+                # keeps megatron's thd RoPE (which would count them) out of it.
+                q_freqs, k_freqs = q_freqs[packed_seq_params.text_positions], k_freqs[packed_seq_params.text_positions]
             query = apply_rotary_pos_emb(query, q_freqs, config=self.config)
             key = apply_rotary_pos_emb(key, k_freqs, config=self.config)
+        vision = None
         if self.vision_features is not None:
-            vision_key, vision_value = self.vision_key_value(self.vision_features)
-            key = torch.cat([vision_key.to(key.dtype), key], dim=0)
-            value = torch.cat([vision_value.to(value.dtype), value], dim=0)
-        # No mask tensor means the implicit bottom-right causal mask; a tensor (True = masked out)
-        # is only needed when some samples of the batch have no image.
+            vision = self.vision_key_value(self.vision_features)
+        # No mask tensor means the implicit bottom-right causal mask; a tensor (True = masked out) is only
+        # needed when some samples of an unpacked batch have no image.
         mask_type = self.attn_mask_type if attention_mask is None else AttnMaskType.arbitrary
+        if packed_seq_params is not None:
+            # thd: [T, 1, ...] -> [T, ...]; keys in segment order [v_1; t_1; v_2; t_2; ...]
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+            if vision is not None:  # [N, images, g, hn] -> image-major [images * N, g, hn]
+                vision = tuple(t.transpose(0, 1).reshape(-1, *t.shape[2:]).to(key.dtype) for t in vision)
+                key, value = torch.cat([vision[0], key]), torch.cat([vision[1], value])
+            key, value = key[packed_seq_params.kv_order], value[packed_seq_params.kv_order]
+        elif vision is not None:
+            key = torch.cat([vision[0].to(key.dtype), key], dim=0)
+            value = torch.cat([vision[1].to(value.dtype), value], dim=0)
         if self.checkpoint_core_attention and self.training:
-            context = self._checkpointed_attention_forward(query, key, value, attention_mask, attn_mask_type=mask_type)
+            context = self._checkpointed_attention_forward(query, key, value, attention_mask, attn_mask_type=mask_type,
+                                                           packed_seq_params=packed_seq_params)
         else:
-            context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type)
+            context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type,
+                                          packed_seq_params=packed_seq_params)
+        if packed_seq_params is not None:
+            context = context.reshape(context.shape[0], 1, -1)
         return self.linear_proj(context)
 
 
@@ -175,15 +191,15 @@ def himix_layer_spec(use_te: bool, arch: str = "himix") -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
-        from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention,
-            TELayerNormColumnParallelLinear,
-        )
+        from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+        from himix_megatron.model.te_attention import TEMixtureDotProductAttention
 
         gpt = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
         # TE's fused norm-linear keeps its own backward, input gradient included: vision_kv.py's
         # GEMM-skipping backward would bypass TE's kernels and FP8 casts, so it serves the local spec only.
-        core_attention, vision_norm, linear_kv_vision = TEDotProductAttention, IdentityOp, TELayerNormColumnParallelLinear
+        core_attention, vision_norm = TEMixtureDotProductAttention, IdentityOp
+        linear_kv_vision = TELayerNormColumnParallelLinear
         keys_map = {}
     else:
         from megatron.core.tensor_parallel import ColumnParallelLinear

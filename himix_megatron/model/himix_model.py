@@ -14,8 +14,10 @@ from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
 from himix_megatron.config import ConfigError, HiMixTransformerConfig, LanguageModelConfig
+from himix_megatron.data.packing import SegmentParams
 from himix_megatron.model.common import (
     build_connector,
+    check_packed_vision_features,
     check_vision_features,
     choose_spec,
     gpt_model_kwargs,
@@ -66,23 +68,28 @@ class HiMixModel(GPTModel):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,
-                decoder_input: Optional[Tensor] = None) -> Tensor:
+                decoder_input: Optional[Tensor] = None, packed_seq_params: Optional[SegmentParams] = None) -> Tensor:
         """
         input_ids, position_ids, labels: [b, M] text only (no image placeholder).
         vision_features: [N, b, d_v] raw encoder features, or None for a text-only batch (N = 0).
         image_present: optional [b] bool; samples with False ignore the vision keys.
+        packed_seq_params: a packed row (b = 1, data/packing.py); vision_features is then [N, images, d_v],
+            the images of its segments in order.
         Returns per-token loss [b, M] when labels are given, else logits.
         """
         attention_mask = None
         if vision_features is not None:
-            check_vision_features(vision_features, self.config.vision_hidden_size,
-                                  input_ids.shape[0] if input_ids is not None else None)
-            if image_present is not None and not bool(image_present.all()):
+            if packed_seq_params is not None:
+                check_packed_vision_features(vision_features, self.config.vision_hidden_size, packed_seq_params)
+            else:
+                check_vision_features(vision_features, self.config.vision_hidden_size,
+                                      input_ids.shape[0] if input_ids is not None else None)
+            if packed_seq_params is None and image_present is not None and not bool(image_present.all()):
                 text_len = input_ids.shape[1] if input_ids is not None else decoder_input.shape[0]
                 attention_mask = mixture_attention_mask(text_len, vision_features.shape[0], image_present)
             if self.vision_projection is not None:
                 vision_features = self.vision_projection(vision_features)
         return super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-            extra_block_kwargs={"context": vision_features},
+            packed_seq_params=packed_seq_params, extra_block_kwargs={"context": vision_features},
         )

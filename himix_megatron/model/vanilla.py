@@ -33,8 +33,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
 from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
+from himix_megatron.data.packing import SegmentParams
 from himix_megatron.model.common import (
     build_connector,
+    check_packed_vision_features,
     check_vision_features,
     choose_spec,
     gpt_model_kwargs,
@@ -92,13 +94,18 @@ class VanillaLLaVAModel(GPTModel):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,
-                decoder_input: Optional[Tensor] = None) -> Tensor:
+                decoder_input: Optional[Tensor] = None, packed_seq_params: Optional[SegmentParams] = None) -> Tensor:
         """
         input_ids, position_ids, labels: [b, M] text only (no image placeholder).
         vision_features: [N, b, d_v] raw encoder features, or None for a text-only batch (N = 0).
             Later pipeline stages need it (or a tensor of its shape) only when image_present is given.
+        packed_seq_params: a packed row (b = 1, data/packing.py); vision_features is then [N, images, d_v] and
+            the sequence is [connector(v_1); t_1; connector(v_2); t_2; ...], causal per segment, positions
+            restarting in every segment.
         Returns per-token loss [b, M] when labels are given, else text logits [b, M, V].
         """
+        if packed_seq_params is not None:
+            return self._packed_forward(input_ids, vision_features, labels, decoder_input, packed_seq_params)
         text_len = labels.shape[1] if labels is not None else input_ids.shape[1]
         if self.pre_process and decoder_input is None:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [M, b, d]
@@ -113,11 +120,29 @@ class VanillaLLaVAModel(GPTModel):
             if self.use_te:
                 raise NotImplementedError("mixed image/text-only batches need the local spec for the vanilla model")
             attention_mask = vanilla_attention_mask(text_len, vision_features.shape[0], image_present)
+        self._text_positions = slice(-text_len, None)
         output = super().forward(None, None, attention_mask, decoder_input=decoder_input, labels=labels)
         if labels is None and self.post_process:
-            return output[:, -text_len:]
+            return output[:, self._text_positions]
+        return output
+
+    def _packed_forward(self, input_ids, vision_features, labels, decoder_input, packed: SegmentParams) -> Tensor:
+        if self.pre_process and decoder_input is None:
+            text = self.embedding(input_ids=input_ids, position_ids=None)  # [T, 1, d]
+            if vision_features is not None:
+                check_packed_vision_features(vision_features, self.config.vision_hidden_size, packed)
+                image = self.vision_projection(vision_features.to(text.dtype))  # [N, images, d]
+                text = torch.cat([image.transpose(0, 1).reshape(-1, 1, image.shape[-1]), text])
+            decoder_input = text[packed.kv_order]
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        self._text_positions = packed.text_in_kv
+        output = super().forward(None, None, None, decoder_input=decoder_input, labels=labels,
+                                 packed_seq_params=packed.square())
+        if labels is None and self.post_process:
+            return output[:, self._text_positions]
         return output
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
-        # logits [N+M, b, V]: the text is the last M positions; no loss on the image block.
-        return super().compute_language_model_loss(labels, logits[-labels.shape[1]:])
+        # logits [S, b, V] over the whole sequence: the loss covers its text positions only.
+        return super().compute_language_model_loss(labels, logits[self._text_positions])

@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from himix_megatron.data.packing import SegmentParams
+
 
 @dataclass
 class MicroBatch:
@@ -38,7 +40,15 @@ class MicroBatch:
     loss_mask: Tensor
     images: Optional[Tensor] = None  # what `encode` takes; only the first stage reads it
     image_present: Optional[Tensor] = None  # [b] bool; None means every sample has an image
-    lengths: Optional[Tensor] = None  # [b] real (unpadded) text tokens, for throughput figures
+    lengths: Optional[Tensor] = None  # real (unpadded) text tokens of each sample, for throughput figures
+    # A packed row (b = 1, data/packing.py): its segments; `images` then holds one image per segment
+    # that has one, [images, 3, S, S].
+    segments: Optional[SegmentParams] = None
+
+    @property
+    def image_count(self) -> int:
+        """Columns of this micro-batch's X_v: one per sample, or one per image of a packed row."""
+        return self.segments.num_images if self.segments is not None else self.tokens.shape[0]
 
 
 def build_model_chunks(model_cls, config, lm, **kwargs) -> list[torch.nn.Module]:
@@ -59,24 +69,35 @@ def build_model_chunks(model_cls, config, lm, **kwargs) -> list[torch.nn.Module]
     return chunks
 
 
-def share_vision_features(features: Optional[Tensor], shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """Broadcast [micro-batches, N, b, d_v] from the first pipeline stage to the rest of the pipeline."""
+def share_vision_features(features: list[Optional[Tensor]], columns: Sequence[int], vision_tokens: int,
+                          width: int, dtype: torch.dtype) -> list[Optional[Tensor]]:
+    """Broadcast every micro-batch's X_v [N, columns_i, d_v] from the first pipeline stage to the others.
+
+    One collective for the whole step: the features travel concatenated along the column dimension. Every
+    stage reads the same samples, so each knows the column counts (samples, or a packed row's images)
+    without asking. A micro-batch with no column (a packed row without images) has None.
+    """
     from megatron.core import parallel_state
 
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    if first and features is None:
+    if first and any(f is None for f, n in zip(features, columns) if n):
         raise ValueError("the first pipeline stage must provide the vision features")
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return features
+    total = sum(columns)
+    if total == 0:
+        return [None] * len(columns)
     if first:
-        if tuple(features.shape) != tuple(shape):
-            raise ValueError(f"vision features {tuple(features.shape)} != expected {tuple(shape)}")
-        buffer = features.detach().to(dtype).contiguous()
+        for f, n in zip(features, columns):
+            if n and tuple(f.shape) != (vision_tokens, n, width):
+                raise ValueError(f"vision features {tuple(f.shape)} != expected {(vision_tokens, n, width)}")
+        buffer = torch.cat([f.detach().to(dtype) for f, n in zip(features, columns) if n], dim=1).contiguous()
     else:
-        buffer = torch.empty(shape, dtype=dtype, device=torch.cuda.current_device())
+        buffer = torch.empty((vision_tokens, total, width), dtype=dtype, device=torch.cuda.current_device())
     torch.distributed.broadcast(buffer, src=parallel_state.get_pipeline_model_parallel_first_rank(),
                                 group=parallel_state.get_pipeline_model_parallel_group())
-    return buffer
+    parts = iter(buffer.split([n for n in columns if n], dim=1))
+    return [next(parts) if n else None for n in columns]
 
 
 def _label_token_loss(loss_mask: Tensor, per_token_loss: Tensor):
@@ -91,6 +112,14 @@ def _label_token_loss(loss_mask: Tensor, per_token_loss: Tensor):
     tokens = loss_mask.sum().to(torch.int)
     # A copy for reporting: the schedule divides `total` in place.
     return total, tokens, {"stats": torch.stack([total.detach(), tokens.to(total.dtype)])}
+
+
+def decoder_length(mb: MicroBatch, model, vision_tokens: int) -> int:
+    """Positions the decoder runs for this micro-batch: what travels between pipeline stages."""
+    text = mb.tokens.shape[1]
+    if mb.segments is None:
+        return model.decoder_sequence_length(text, vision_tokens)
+    return model.decoder_sequence_length(text, vision_tokens * mb.segments.num_images)
 
 
 def forward_backward(
@@ -118,25 +147,30 @@ def forward_backward(
     model = getattr(model_chunks[0], "module", model_chunks[0])  # through megatron's DDP wrapper
     config = model.config
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    b, m = microbatches[0].tokens.shape
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     mixed = any(mb.image_present is not None and not bool(mb.image_present.all()) for mb in microbatches)
-    if mixed and not model.vision_on_every_stage and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+    if mixed and not model.vision_on_every_stage and pipelined:
         raise NotImplementedError("vanilla LLaVA under pipeline parallelism needs every sample to have an image")
-    features = None
+    lengths = {decoder_length(mb, model, vision_tokens) for mb in microbatches}
+    if pipelined and len(lengths) > 1:
+        raise ValueError(f"pipeline parallelism needs one decoder length per step, got {sorted(lengths)} "
+                         "(training/data.py pads a step's micro-batches to a common length)")
+    columns = [mb.image_count for mb in microbatches]
+    features = [None] * len(microbatches)
     if first:
         with torch.no_grad():
-            features = torch.stack([encode(mb.images) for mb in microbatches])
+            features = [encode(mb.images) if n else None for mb, n in zip(microbatches, columns)]
     if model.vision_on_every_stage:
-        features = share_vision_features(
-            features, (len(microbatches), vision_tokens, b, config.vision_hidden_size), config.pipeline_dtype
-        )
+        features = share_vision_features(features, columns, vision_tokens, config.vision_hidden_size,
+                                         config.pipeline_dtype)
 
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)
-        vision = features[index] if features is not None else None
+        vision = features[index]
+        kwargs = dict(image_present=mb.image_present, packed_seq_params=mb.segments)
         if score is not None:
-            return model(mb.tokens, mb.positions, vision, image_present=mb.image_present), partial(score, mb)
-        output = model(mb.tokens, mb.positions, vision, labels=mb.labels, image_present=mb.image_present)
+            return model(mb.tokens, mb.positions, vision, **kwargs), partial(score, mb)
+        output = model(mb.tokens, mb.positions, vision, labels=mb.labels, **kwargs)
         return output, partial(_label_token_loss, mb.loss_mask)
 
     iterators = [iter(list(enumerate(microbatches))) for _ in model_chunks]
@@ -145,8 +179,8 @@ def forward_backward(
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=model_chunks,
         num_microbatches=len(microbatches),
-        seq_length=model.decoder_sequence_length(m, vision_tokens),
-        micro_batch_size=b,
+        seq_length=max(lengths),
+        micro_batch_size=microbatches[0].tokens.shape[0],
         forward_only=forward_only,
     )
     return torch.stack([entry["stats"] for entry in losses]) if losses else None

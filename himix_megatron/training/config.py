@@ -38,6 +38,19 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = field(default=None, metadata={"help": "default: micro batch x DP"})
     seq_length: int = field(default=2048, metadata={"help": "max text tokens per sample"})
+    # --- packing (Megatron-LM's multimodal flag names); without it, micro-batches are padded to their longest
+    packing_seq_length: Optional[int] = field(default=None, metadata={
+        "help": "pack samples into rows of this many text tokens, each sample with its own image; needs "
+                "--micro-batch-size 1 (a micro-batch is one row). --global-batch-size, --train-samples and "
+                "--train-epochs still count samples, so a step holds a varying number of rows"})
+    packing_buffer_size: Optional[int] = field(default=None, metadata={
+        "help": "samples considered at once when packing (default: a step's share of a data-parallel rank, "
+                "global batch / DP, which is also the most it can be)"})
+    packing_max_images: Optional[int] = field(default=None, metadata={
+        "help": "images per packed row (default: --packing-seq-length // 256, at least 1): each image costs "
+                "its vision K/V in every layer, and short captions would otherwise fill a row with dozens"})
+    pad_to_seq_length: bool = field(default=False, metadata={
+        "help": "pad every sample to --seq-length (fixed shapes) instead of each micro-batch to its longest"})
     # --- schedule and optimizer (AdamW)
     train_iters: Optional[int] = None
     train_samples: Optional[int] = None
@@ -187,6 +200,35 @@ def parse_data_path(values: list, flag: str = "--data-path") -> list[tuple[Optio
     return pairs
 
 
+def check_packing(cfg: TrainConfig, dp: int) -> None:
+    if cfg.packing_seq_length is None:
+        for name in ("packing_buffer_size", "packing_max_images"):
+            if getattr(cfg, name) is not None:
+                raise ConfigError(f"{_flag(name)} needs --packing-seq-length")
+        return
+    if cfg.pad_to_seq_length:
+        raise ConfigError("--pad-to-seq-length and --packing-seq-length exclude each other")
+    if cfg.micro_batch_size != 1:
+        raise ConfigError(f"--packing-seq-length needs --micro-batch-size 1 (got {cfg.micro_batch_size}): "
+                          "a micro-batch is one packed row, its size set by --packing-seq-length")
+    if cfg.packing_seq_length < cfg.seq_length:
+        raise ConfigError(f"--packing-seq-length {cfg.packing_seq_length} is below --seq-length {cfg.seq_length}: "
+                          "the longest sample would not fit in a row")
+    if cfg.packing_seq_length % 8:
+        raise ConfigError(f"--packing-seq-length {cfg.packing_seq_length} must be a multiple of 8 "
+                          "(rows are padded to multiples of 8)")
+    per_rank = (cfg.global_batch_size or dp) // dp
+    if cfg.packing_buffer_size is not None and not 1 <= cfg.packing_buffer_size <= per_rank:
+        raise ConfigError(f"--packing-buffer-size {cfg.packing_buffer_size} must be in [1, global batch / DP = "
+                          f"{per_rank}]: packing never reaches across steps, so that resuming stays exact")
+    if cfg.packing_max_images is not None and cfg.packing_max_images < 1:
+        raise ConfigError("--packing-max-images must be >= 1")
+
+
+def packing_max_images(cfg: TrainConfig) -> int:
+    return cfg.packing_max_images or max(1, cfg.packing_seq_length // 256)
+
+
 def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) -> None:
     """Refuse impossible settings before any compute. Raises ConfigError naming the flag."""
     model_parallel = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
@@ -205,6 +247,7 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
                           + (f" (got {', '.join(_flag(n) for n in given)})" if given else ""))
     if not cfg.data_path:
         raise ConfigError("--data-path is required")
+    check_packing(cfg, dp)
     if cfg.fp8_format is not None:
         if not (cuda and te_available):
             raise ConfigError(f"--fp8-format {cfg.fp8_format} needs Transformer Engine on a GPU; this machine has "

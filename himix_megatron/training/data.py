@@ -9,14 +9,16 @@ vanilla model puts the connector output in front of the text itself (the LLaVA c
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
 
 from himix_megatron.config import ConfigError, LanguageModelConfig
 from himix_megatron.data import DatasetSpec, ImageConfig, LoaderConfig, ShardLoader, TemplateConfig, load_tokenizer
+from himix_megatron.data.packing import ROW_MULTIPLE, PackingConfig, extend_segments
 from himix_megatron.parallel.pipeline import MicroBatch
-from himix_megatron.training.config import TrainConfig, parse_data_path
+from himix_megatron.training.config import TrainConfig, packing_max_images, parse_data_path
 
 
 def load_tokenizer_checked(path: str, lm: LanguageModelConfig):
@@ -32,16 +34,23 @@ def _specs(values: list, flag: str) -> tuple[DatasetSpec, ...]:
 
 
 def loader_config(cfg: TrainConfig, template: str, image_size: int, *, valid: bool = False,
-                  num_samples: Optional[int] = None) -> LoaderConfig:
+                  num_samples: Optional[int] = None, packing: Optional[PackingConfig] = None,
+                  group: Optional[int] = None) -> LoaderConfig:
+    """With `packing`, each loader item is one step's rows, packed from `group` samples (global batch / DP)."""
     return LoaderConfig(
         datasets=_specs(cfg.valid_data_path if valid else cfg.data_path,
                         "--valid-data-path" if valid else "--data-path"),
-        micro_batch_size=cfg.micro_batch_size,
+        micro_batch_size=group if packing is not None else cfg.micro_batch_size,
         seq_length=cfg.seq_length,
+        # Rounded to 8: FP8 GEMMs need it, and it bounds the number of distinct shapes.
+        pad_to="seq_length" if cfg.pad_to_seq_length else "longest",
+        pad_multiple=ROW_MULTIPLE,
+        packing=packing,
         template=TemplateConfig(template, image="remove", system=cfg.system_prompt),
         image=ImageConfig(size=image_size),
         seed=cfg.seed,
         shuffle=not valid,
+        drop_last=not valid,  # validation reads every sample: a packed last group may be short
         num_workers=cfg.num_workers,
         num_samples=num_samples,
     )
@@ -67,11 +76,19 @@ def train_iters(cfg: TrainConfig, global_batch_size: int, dp: int, tokenizer, te
     return iters
 
 
+def packing_config(cfg: TrainConfig, vision_tokens: int, dp: int) -> Optional[PackingConfig]:
+    if cfg.packing_seq_length is None:
+        return None
+    return PackingConfig(cfg.packing_seq_length, cfg.packing_buffer_size, packing_max_images(cfg), vision_tokens)
+
+
 def build_train_loader(run) -> ShardLoader:
     rank, world = _data_parallel()
     cfg = run.cfg
+    packing = packing_config(cfg, run.description.vision.num_features, world)
     return ShardLoader(loader_config(cfg, run.template, run.description.vision.image_size,
-                                     num_samples=run.train_iters * run.global_batch_size),
+                                     num_samples=run.train_iters * run.global_batch_size, packing=packing,
+                                     group=run.global_batch_size // world),
                        run.tokenizer, rank=rank, world_size=world)
 
 
@@ -87,38 +104,94 @@ def build_valid_loader(run, paths: list, eval_iters: Optional[int]) -> ShardLoad
         samples = min(samples, eval_iters * run.global_batch_size)
     if samples == 0:
         raise ConfigError(f"--valid-data-path holds {length} samples, fewer than micro batch x DP = {per_step}")
-    cfg_valid = loader_config(cfg, run.template, run.description.vision.image_size, valid=True, num_samples=samples)
+    packing = packing_config(cfg, run.description.vision.num_features, world)
+    cfg_valid = loader_config(cfg, run.template, run.description.vision.image_size, valid=True, num_samples=samples,
+                              packing=packing, group=run.global_batch_size // world)
     return ShardLoader(cfg_valid, run.tokenizer, rank=rank, world_size=world)
+
+
+def step_stream(run, loader: ShardLoader, *, finite: bool = False) -> Iterator[list[MicroBatch]]:
+    """The run's steps: micro-batch lists as forward_backward takes them, padded for the pipeline if needed."""
+    from megatron.core import parallel_state
+
+    pipeline_pad = None
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        image_tokens = run.description.vision.num_features if run.description.arch == "vanilla" else 0
+        pipeline_pad = (run.tokenizer.pad_id, image_tokens)
+    count = None if run.cfg.packing_seq_length is not None else run.num_microbatches
+    return microbatch_stream(loader, count, finite=finite, pipeline_pad=pipeline_pad)
 
 
 def to_microbatch(batch: dict) -> MicroBatch:
     tokens = batch["tokens"]
     b, m = tokens.shape
+    segments = batch.get("segments")
     has_image = batch["has_image"]
     return MicroBatch(
         tokens=tokens,
-        positions=torch.arange(m).expand(b, m),
+        positions=segments.text_positions[None] if segments is not None else torch.arange(m).expand(b, m),
         labels=batch["labels"].clamp(min=0),  # IGNORE_INDEX positions carry loss_mask 0
         loss_mask=batch["loss_mask"],
         images=batch["images"],
-        image_present=None if bool(has_image.all()) else has_image,
+        image_present=None if segments is not None or bool(has_image.all()) else has_image,
         lengths=batch["lengths"],
+        segments=segments,
     )
 
 
-def microbatch_stream(loader: ShardLoader, count: int, *, finite: bool = False) -> Iterator[list[MicroBatch]]:
-    """Lists of `count` micro-batches: one global batch's share for this data-parallel rank.
+def one_decoder_length(microbatches: list[MicroBatch], pad_id: int, image_tokens: int) -> list[MicroBatch]:
+    """Pad a step's micro-batches to one decoder length, which pipeline stages exchange.
 
-    Training streams are sized to the run and never end early; a finite (validation) stream ends
-    with whatever remains.
+    Every stage reads the same samples, so each pads the same way with no shape exchange (megatron-core's
+    variable_seq_lengths would send shapes over untagged batched p2p, which gloo can swap under
+    interleaving). `image_tokens`: positions an image adds to the sequence (vanilla's N; 0 for HiMix).
     """
+    def length(mb):
+        images = mb.segments.num_images if mb.segments is not None else 1
+        return mb.tokens.shape[1] + image_tokens * images
+
+    width = max(length(mb) for mb in microbatches)
+    out = []
+    for mb in microbatches:
+        extra = width - length(mb)
+        if extra == 0:
+            out.append(mb)
+            continue
+        grow = lambda t, fill: torch.cat([t, torch.full((t.shape[0], extra), fill, dtype=t.dtype)], 1)  # noqa: E731
+        segments = positions = None
+        if mb.segments is not None:
+            segments = extend_segments(mb.segments, extra)
+            positions = segments.text_positions[None]
+        else:
+            positions = torch.arange(mb.tokens.shape[1] + extra).expand(mb.tokens.shape[0], -1)
+        out.append(replace(mb, tokens=grow(mb.tokens, pad_id), labels=grow(mb.labels, 0),
+                           loss_mask=grow(mb.loss_mask, 0.0), positions=positions, segments=segments))
+    return out
+
+
+def microbatch_stream(loader: ShardLoader, count: Optional[int], *, finite: bool = False,
+                      pipeline_pad: Optional[tuple[int, int]] = None) -> Iterator[list[MicroBatch]]:
+    """Lists of micro-batches: one global batch's share for this data-parallel rank.
+
+    Unpacked: `count` micro-batches of the loader. Packed (count None): each loader item is already one
+    step's packed rows, however many. `pipeline_pad` = (pad_id, image tokens) pads each step to one decoder
+    length (pipeline parallelism). Training streams are sized to the run and never end early; a finite
+    (validation) stream ends with whatever remains.
+    """
+    def finish(batches):
+        step = [to_microbatch(b) for b in batches]
+        return one_decoder_length(step, *pipeline_pad) if pipeline_pad is not None else step
+
     pending = []
-    for batch in loader:
-        pending.append(to_microbatch(batch))
+    for item in loader:
+        if count is None:  # packed: one item is one step
+            yield finish(item)
+            continue
+        pending.append(item)
         if len(pending) == count:
-            yield pending
+            yield finish(pending)
             pending = []
     if not finite:
         raise ConfigError("the data ran out before the last iteration: check --train-iters against the data")
     if pending:
-        yield pending
+        yield finish(pending)

@@ -22,12 +22,18 @@ def _score(vocab_size: int, mb: MicroBatch, logits: torch.Tensor):
 
     # Vocab-parallel logits [b, M, V/tp] -> full rows, without the padding columns of the vocabulary.
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[..., :vocab_size].float()
-    mask = mb.loss_mask.bool()
-    predicted = logits.argmax(-1)
-    correct = ((predicted == mb.labels) | ~mask).all(dim=1) & mask.any(dim=1)
-    loss = F.cross_entropy(logits[mask], mb.labels[mask], reduction="sum")
-    stats = torch.stack([loss, mask.sum().float(), correct.sum().float(), mask.any(dim=1).sum().float()])
-    return loss * 0, mask.sum().to(torch.int), {"stats": stats.detach()}
+    label = mb.loss_mask.bool()
+    right = (logits.argmax(-1) == mb.labels) | ~label  # [b, M]
+    if mb.segments is not None:  # a packed row: one answer per segment (pad segments have no label)
+        lengths = list(mb.segments.text_lengths)
+        right = torch.stack([r.all() for r in right[0].split(lengths)])
+        answered = torch.stack([m.any() for m in label[0].split(lengths)])
+    else:
+        right, answered = right.all(dim=1), label.any(dim=1)
+    correct = right & answered
+    loss = F.cross_entropy(logits[label], mb.labels[label], reduction="sum")
+    stats = torch.stack([loss, label.sum().float(), correct.sum().float(), answered.sum().float()])
+    return loss * 0, label.sum().to(torch.int), {"stats": stats.detach()}
 
 
 @torch.no_grad()
@@ -40,7 +46,7 @@ def evaluate(run, paths: list, metrics=None) -> dict:
     totals = torch.zeros(4, dtype=torch.float64)
     vocab = run.description.language.vocab_size
     score = partial(_score, vocab)
-    for microbatches in training_data.microbatch_stream(loader, run.num_microbatches, finite=True):
+    for microbatches in training_data.step_stream(run, loader, finite=True):
         stats = forward_backward(run.chunks, microbatches, run.encoder,
                                  vision_tokens=run.description.vision.num_features, forward_only=True, score=score)
         if stats is not None and parallel_state.get_tensor_model_parallel_rank() == 0:

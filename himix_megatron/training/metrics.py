@@ -2,7 +2,9 @@
 
 Model FLOPs follow the paper's counting rule (himix_megatron.flops, DESIGN.md section 2), for the
 stage's trainable parameters: frozen matmuls need no weight gradient, so pretraining costs less per
-sample than finetuning. MFU needs a peak: given with --peak-flops, or known for a few GPUs (dense
+sample than finetuning. They are counted at each sample's real text length, never over padding, so
+tokens/s, FLOP/s and MFU measure useful work; the padding efficiency (real text tokens over the text
+positions the decoder computed) and samples per row show what padding or packing cost. MFU needs a peak: given with --peak-flops, or known for a few GPUs (dense
 BF16, per device, from the vendors' data sheets).
 """
 
@@ -36,8 +38,11 @@ class Window:
 
     loss_sum: float = 0.0
     label_tokens: float = 0.0
-    text_tokens: int = 0
+    text_tokens: int = 0  # real ones
+    computed_tokens: int = 0  # text positions the decoder ran, padding included
+    rows: int = 0  # micro-batch rows (packed rows or padded samples)
     samples: int = 0
+    model_flops: float = 0.0  # over the real tokens of every sample
     steps: int = 0
     skipped: int = 0
     grad_norms: list = field(default_factory=list)
@@ -45,11 +50,11 @@ class Window:
 
 
 class MetricsLogger:
-    def __init__(self, *, rank: int, total_iters: int, start_iter: int, flops_per_sample: float, world_size: int,
+    def __init__(self, *, rank: int, total_iters: int, start_iter: int, world_size: int,
                  peak_flops: Optional[float], tensorboard_dir: Optional[str], progress: bool, log_interval: int):
         self.active = rank == 0
         self.log_interval, self.world_size = log_interval, world_size
-        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
+        self.peak_flops = peak_flops
         self.window = Window()
         self.writer = self.bar = None
         self.skipped_total = 0
@@ -66,11 +71,15 @@ class MetricsLogger:
                             leave=False)
 
     def step(self, iteration: int, *, loss_sum: float, label_tokens: float, text_tokens: int, samples: int,
-             grad_norm: Optional[float], skipped: bool, lr: float, data_skipped: int) -> None:
+             grad_norm: Optional[float], skipped: bool, lr: float, data_skipped: int, model_flops: float = 0.0,
+             computed_tokens: Optional[int] = None, rows: Optional[int] = None) -> None:
         w = self.window
         w.steps += 1
         w.samples += samples
         w.text_tokens += text_tokens
+        w.computed_tokens += text_tokens if computed_tokens is None else computed_tokens
+        w.rows += samples if rows is None else rows
+        w.model_flops += model_flops
         if skipped:
             w.skipped += 1
             self.skipped_total += 1
@@ -93,7 +102,10 @@ class MetricsLogger:
             "grad_norm": sum(w.grad_norms) / len(w.grad_norms) if w.grad_norms else math.nan,
             "skipped_steps": self.skipped_total, "skipped_samples": data_skipped,
             "samples_per_s": w.samples / seconds, "tokens_per_s": w.text_tokens / seconds,
-            "model_tflops_per_s": w.samples * self.flops_per_sample / seconds / 1e12,
+            "model_tflops_per_s": w.model_flops / seconds / 1e12,
+            # Real text tokens over the text positions computed: what padding costs.
+            "padding_efficiency": w.text_tokens / max(w.computed_tokens, 1),
+            "samples_per_row": w.samples / max(w.rows, 1),
         }
         if self.peak_flops:
             values["mfu"] = values["model_tflops_per_s"] * 1e12 / (self.peak_flops * self.world_size)
@@ -106,7 +118,8 @@ class MetricsLogger:
         text = (f"iteration {iteration:6d} | loss {loss:.4f} | lr {lr:.3e} | grad norm {values['grad_norm']:.3f} | "
                 f"skipped steps {self.skipped_total} | skipped samples {data_skipped} | "
                 f"{values['samples_per_s']:.1f} samples/s | {values['tokens_per_s']:.0f} tokens/s | "
-                f"{values['model_tflops_per_s']:.4f} model TFLOP/s"
+                f"{values['model_tflops_per_s']:.4f} model TFLOP/s | padding efficiency "
+                f"{values['padding_efficiency']:.3f} | {values['samples_per_row']:.2f} samples/row"
                 + (f" | MFU {values['mfu']:.1%}" if "mfu" in values else ""))
         self.print(text)
 

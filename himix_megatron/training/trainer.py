@@ -9,6 +9,7 @@ update, logged and counted); `--max-bad-steps` consecutive ones save a checkpoin
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from himix_megatron.checkpoint import (
 from himix_megatron.config import ConfigError, ParallelConfig, language_model_preset, vision_model_preset
 from himix_megatron.parallel.pipeline import forward_backward
 from himix_megatron.training import data as training_data
-from himix_megatron.training.config import TrainConfig, check
+from himix_megatron.training.config import TrainConfig, check, packing_max_images
 from himix_megatron.training.metrics import MetricsLogger, detect_peak_flops
 from himix_megatron.training.optimizer import apply_stage, build_optimizer, wrap_ddp
 
@@ -100,6 +101,10 @@ def setup(cfg: TrainConfig) -> Run:
     # Resolved once, so every read below comes from the same iteration even if a save lands meanwhile.
     checkpoint = resolve(cfg.load) if _has_checkpoint(cfg.load) else None
     description = _description(cfg, checkpoint)
+    positions = description.language.max_position_embeddings
+    if cfg.seq_length > positions:
+        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's {positions} positions "
+                          f"({description.language.name}): a sample (a packed segment) could not be encoded")
     template = cfg.template or description.template or "vicuna_v1"
     tokenizer_dir = cfg.tokenizer_model or (checkpoint_tokenizer_dir(checkpoint) if checkpoint else None)
     if tokenizer_dir is None:
@@ -133,10 +138,14 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg, description, chunks, encoder, optimizer, scheduler, tokenizer, tokenizer_dir, template,
               train_iters, gbs, gbs // (cfg.micro_batch_size * dp))
     if launch.rank == 0:
+        batches = (f"packed into rows of <= {cfg.packing_seq_length} text tokens, <= {packing_max_images(cfg)} images"
+                   if cfg.packing_seq_length else
+                   f"{run.num_microbatches} micro-batches of {cfg.micro_batch_size} per DP rank, padded to "
+                   + ("--seq-length" if cfg.pad_to_seq_length else "their longest"))
         print(f"himix-train: {description.arch} {description.language.name} + {description.vision.name}, "
               f"stage {cfg.stage}, TP={parallel.tensor_model_parallel_size} PP={parallel.pipeline_model_parallel_size}"
               f" DP={dp}, {trainable:,} trainable parameters, {train_iters} iterations of {gbs} samples "
-              f"({run.num_microbatches} micro-batches of {cfg.micro_batch_size} per DP rank)", flush=True)
+              f"({batches})", flush=True)
     if checkpoint is not None:
         _load(run, checkpoint)
     return run
@@ -180,18 +189,25 @@ def _tokenizer_files(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
-def _reduce_step_stats(stats: Optional[torch.Tensor], text_tokens: int, samples: int) -> list[float]:
-    """[loss sum, label tokens, text tokens, samples] over the global batch, on every rank."""
+STEP_STATS = ("loss_sum", "label_tokens", "text_tokens", "samples", "model_flops", "computed_tokens", "rows")
+
+
+def _reduce_step_stats(stats: Optional[torch.Tensor], microbatches, flops_of) -> dict:
+    """STEP_STATS summed over the global batch, on every rank. `flops_of(text_length)`: one sample's model FLOPs."""
     from megatron.core import parallel_state
 
     counted = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                and parallel_state.get_tensor_model_parallel_rank() == 0)
-    values = torch.zeros(4, dtype=torch.float64)
+    values = torch.zeros(len(STEP_STATS), dtype=torch.float64)
     if counted:
+        lengths = [int(n) for mb in microbatches for n in mb.lengths]
         values[0], values[1] = stats[:, 0].double().sum(), stats[:, 1].double().sum()
-        values[2], values[3] = text_tokens, samples
+        values[2], values[3] = sum(lengths), len(lengths)
+        values[4] = sum(flops_of(n) for n in lengths)
+        values[5] = sum(mb.tokens.numel() for mb in microbatches)
+        values[6] = sum(mb.tokens.shape[0] for mb in microbatches)
     torch.distributed.all_reduce(values)
-    return values.tolist()
+    return dict(zip(STEP_STATS, values.tolist()))
 
 
 def _poison_gradients(chunks) -> None:
@@ -201,21 +217,20 @@ def _poison_gradients(chunks) -> None:
             buffer.grad_data.fill_(math.nan)
 
 
-def train_step(run: Run, microbatches, inject_nan: bool = False) -> tuple[list[float], Optional[float], bool]:
-    """Returns (reduced stats, grad norm, skipped)."""
+def train_step(run: Run, microbatches, inject_nan: bool = False, flops_of=lambda n: 0.0) -> tuple[dict, Optional[float], bool]:
+    """Returns (reduced STEP_STATS, grad norm, skipped)."""
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     stats = forward_backward(run.chunks, microbatches, run.encoder, vision_tokens=run.description.vision.num_features)
-    text_tokens = sum(int(mb.lengths.sum()) for mb in microbatches)
-    reduced = _reduce_step_stats(stats, text_tokens, sum(mb.tokens.shape[0] for mb in microbatches))
+    reduced = _reduce_step_stats(stats, microbatches, flops_of)
     if inject_nan:
-        reduced[0] = math.nan
+        reduced["loss_sum"] = math.nan
         _poison_gradients(run.chunks)
     # The norm is checked before the update: megatron's clip would turn a NaN norm into NaN weights.
     run.optimizer.prepare_grads()
     grad_norm = run.optimizer.get_grad_norm()
-    if not (math.isfinite(reduced[0]) and grad_norm is not None and math.isfinite(grad_norm)):
+    if not (math.isfinite(reduced["loss_sum"]) and grad_norm is not None and math.isfinite(grad_norm)):
         return reduced, grad_norm, True
     ok, _, _ = run.optimizer.step()
     if not ok:
@@ -233,30 +248,36 @@ def train(cfg: TrainConfig) -> dict:
     loader = training_data.build_train_loader(run)
     if run.resume_loader_state is not None:
         loader.load_state_dict(run.resume_loader_state)
-    n = run.description.vision.num_features
-    flops = training_flops(run.description.language, run.description.arch, n, cfg.seq_length, cfg.stage,
-                           run.description.vision.hidden_size)
+    description = run.description
+
+    @functools.lru_cache(maxsize=None)
+    def flops_of(text_length: int) -> float:  # one sample's model FLOPs at its real length
+        return training_flops(description.language, description.arch, description.vision.num_features, text_length,
+                              cfg.stage, description.vision.hidden_size)
+
     metrics = MetricsLogger(
         rank=torch.distributed.get_rank(), total_iters=run.train_iters, start_iter=run.iteration,
-        flops_per_sample=flops, world_size=torch.distributed.get_world_size(),
+        world_size=torch.distributed.get_world_size(),
         peak_flops=detect_peak_flops(cfg.peak_flops, cfg.fp8_format is not None),
         tensorboard_dir=cfg.tensorboard_dir, progress=cfg.progress, log_interval=cfg.log_interval)
-    batches = training_data.microbatch_stream(loader, run.num_microbatches)
+    batches = training_data.step_stream(run, loader)
     bad_in_a_row, result, history = 0, {}, []
     stop = min(run.train_iters, cfg.exit_interval or run.train_iters)
     while run.iteration < stop:
         microbatches = next(batches)
         run.iteration += 1
-        reduced, grad_norm, skipped = train_step(run, microbatches, run.iteration in cfg.inject_nan_at)
+        reduced, grad_norm, skipped = train_step(run, microbatches, run.iteration in cfg.inject_nan_at, flops_of)
         run.consumed_samples += run.global_batch_size
-        loss = reduced[0] / max(reduced[1], 1)
+        loss = reduced["loss_sum"] / max(reduced["label_tokens"], 1)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
         history.append({"iteration": run.iteration, "loss": loss, "grad_norm": grad_norm, "skipped": skipped})
         if skipped:
             metrics.print(f"iteration {run.iteration}: loss {loss} / grad norm {grad_norm} is not finite; "
                           f"step skipped ({bad_in_a_row} in a row)")
-        metrics.step(run.iteration, loss_sum=reduced[0], label_tokens=reduced[1], text_tokens=int(reduced[2]),
-                     samples=int(reduced[3]), grad_norm=grad_norm, skipped=skipped,
+        metrics.step(run.iteration, loss_sum=reduced["loss_sum"], label_tokens=reduced["label_tokens"],
+                     text_tokens=int(reduced["text_tokens"]), samples=int(reduced["samples"]),
+                     model_flops=reduced["model_flops"], computed_tokens=int(reduced["computed_tokens"]),
+                     rows=int(reduced["rows"]), grad_norm=grad_norm, skipped=skipped,
                      lr=run.optimizer.param_groups[0]["lr"], data_skipped=loader.stats()["skipped"])
         if bad_in_a_row >= cfg.max_bad_steps:
             if cfg.save:
