@@ -43,7 +43,7 @@ def packed_sdpa(query: Tensor, key: Tensor, value: Tensor, packed_seq_params, *,
     segment i's keys; with more keys than queries (HiMix: [v_i; t_i]) the diagonal is aligned bottom-right,
     which for a square segment (vanilla) is ordinary causal attention. The cost is the sum over segments,
     not quadratic in their number. (Measured on this CPU against one SDPA call with a block-diagonal mask
-    over the whole row: tools/bench_packing.py --attention.)
+    over the whole row: tools/bench_packed_attention.py.)
     """
     heads, hn = query.shape[1], query.shape[2]
     q_lengths, kv_lengths = _segment_lengths(packed_seq_params)
