@@ -1,21 +1,30 @@
 # Two commands on a fresh machine:
 #   make demo   install into .venv (idempotent) and run the main job
 #   make test   install and run the whole test suite (multi-process tests included)
+# And:
+#   make test-hf-matrix   the Hugging Face facing tests against the oldest and the newest transformers
+#   make lock             regenerate requirements/lock-cpu.txt (tools/lock_requirements.sh)
 
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOCK   := requirements/lock-cpu.txt
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-hf-matrix lock clean
 
-$(STAMP): setup.py
+# CPU machines install exactly the versions of $(LOCK) (pip constraints), torch's CPU build included, so nothing
+# pulls in CUDA wheels. GPU machines (nvidia-smi; e.g. the NGC container) install without the lock: it pins the
+# CPU torch, and its other pins (numpy, pillow, sympy, ...) would replace the container's own builds, which its
+# CUDA torch, Transformer Engine and flash-attn were built against; setup.py's ranges keep what is there.
+$(STAMP): setup.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# CPU machines get the pinned CPU build first, so nothing pulls in CUDA wheels. On GPU machines
-	# (e.g. the NGC container) the installed CUDA torch satisfies setup.py's range and is kept.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install --quiet torch==2.13.0; fi
-	$(PY) -m pip install --quiet -e '.[test,mpi]'
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet -e '.[test,mpi]'; \
+	else \
+		$(PY) -m pip install --quiet -c $(LOCK) -e '.[test,mpi]'; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,5 +39,40 @@ test: install
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow"
 
+lock:
+	tools/lock_requirements.sh
+
+# The tests that import transformers, in two more venvs: .venv-hf-oldest with the oldest release of
+# TESTED_TRANSFORMERS (himix_megatron/hf/__init__.py, the lower bound setup.py names), .venv-hf-newest with the
+# newest release setup.py allows. Each starts from the lock's pins and moves only transformers and what it
+# requires (uv keeps the lock's versions as preferences), so a failure here is transformers'. torch is the lock's
+# CPU wheel from pip's find-links. CPU machines only (the lock's torch is the CPU build).
+HF_TESTS  := tests/test_hf_modeling.py tests/test_convert.py tests/test_convert_layout.py tests/test_vision.py
+HF_TESTED := $(shell sed -n 's/^TESTED_TRANSFORMERS = "\(.*\)"$$/\1/p' himix_megatron/hf/__init__.py)
+HF_OLDEST := $(shell sed -n 's/^TESTED_TRANSFORMERS = ">=\([0-9.]*\),<=[0-9.]*"$$/\1/p' himix_megatron/hf/__init__.py)
+HF_NEWEST_TESTED := $(shell sed -n 's/^TESTED_TRANSFORMERS = ">=[0-9.]*,<=\([0-9.]*\)"$$/\1/p' himix_megatron/hf/__init__.py)
+
+# The venvs are kept between runs; only creating one (torch's wheel, ~1 min) is slow. Every run re-resolves (uv,
+# a second) and re-syncs (pip, a no-op when nothing moved), so "newest" is always the newest on the index.
+test-hf-matrix: $(LOCK) requirements/lock-cpu.in
+	@test -n "$(HF_OLDEST)" || { echo "TESTED_TRANSFORMERS in himix_megatron/hf/__init__.py is not '>=X,<=Y'"; exit 1; }
+	@set -e; for leg in oldest newest; do \
+		venv=.venv-hf-$$leg; \
+		test -x $$venv/bin/python || $(PYTHON) -m venv $$venv; \
+		if [ $$leg = oldest ]; then echo 'transformers==$(HF_OLDEST)'; else echo transformers; fi > $$venv/pin.txt; \
+		cp $(LOCK) $$venv/lock.txt; \
+		LOCK=$$venv/lock.txt tools/lock_requirements.sh --upgrade-package transformers -c $$venv/pin.txt; \
+		$$venv/bin/python -m pip install --quiet -c $$venv/lock.txt -e '.[test]'; \
+		version=$$($$venv/bin/python -c 'import transformers; print(transformers.__version__)'); \
+		if [ $$leg = oldest ] && [ "$$version" != "$(HF_OLDEST)" ]; then \
+			echo "test-hf-matrix: $$venv has transformers $$version, not $(HF_OLDEST)"; exit 1; fi; \
+		echo "== test-hf-matrix: transformers $$version ($$venv; TESTED_TRANSFORMERS $(HF_TESTED))"; \
+		$$venv/bin/python -m pytest -q -p no:cacheprovider $(HF_TESTS) || \
+			{ echo "test-hf-matrix: FAILED with transformers $$version"; exit 1; }; \
+		if [ $$leg = newest ] && [ "$$version" != "$(HF_NEWEST_TESTED)" ]; then \
+			echo "note: transformers $$version passed, but TESTED_TRANSFORMERS ends at $(HF_NEWEST_TESTED):" \
+			     "raise it in himix_megatron/hf/__init__.py and README's Install details"; fi; \
+	done
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-hf-oldest .venv-hf-newest .venv-lock build *.egg-info

@@ -9,6 +9,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+# The transformers releases the remote code and the exports are verified with: the oldest, which setup.py's lower
+# bound names and CI installs (make test-hf-matrix reads it from here), to the newest that passed. Each export
+# records it in config.json (`himix_tested_transformers`); README's "Install details" quotes it. Keep the form
+# ">=OLDEST,<=NEWEST": the Makefile extracts OLDEST with sed.
+TESTED_TRANSFORMERS = ">=5.6.0,<=5.24.0"
+TESTED_TRANSFORMERS_KEY = "himix_tested_transformers"
+
 REMOTE_CODE_FILES = ("configuration_himix.py", "modeling_himix.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_himix.HiMixConfig",
