@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from himix_megatron.config import ParallelConfig
 from himix_megatron.convert.layout import ConversionError
+from himix_megatron.hf import TESTED_TRANSFORMERS, TESTED_TRANSFORMERS_KEY
 from multiprocess import run_world
 
 TP2 = ParallelConfig(tensor_model_parallel_size=2)
@@ -176,6 +177,8 @@ def test_import_export_round_trip_is_bit_identical(hf, converted, key, lm):
     assert {"preprocessor_config.json", "configuration_himix.py", "modeling_himix.py", "tokenizer.json"} <= \
         set(os.listdir(exported))
     assert read_description(ckpt).template == "vicuna_v1"
+    config = json.load(open(os.path.join(exported, "config.json")))
+    assert config[TESTED_TRANSFORMERS_KEY] == TESTED_TRANSFORMERS  # the transformers range this export is tested with
 
 
 def _megatron_logits(ckpt, tokens, pixels):
@@ -226,6 +229,7 @@ def test_vanilla_export_matches_transformers_llava(hf, converted):
     image_id = config["image_token_index"]
     assert image_id == 300 and config["text_config"]["vocab_size"] == 301  # <image> grew the vocabulary
     assert config["vision_feature_select_strategy"] == "default" and config["projector_hidden_act"] == "gelu"
+    assert config[TESTED_TRANSFORMERS_KEY] == TESTED_TRANSFORMERS
     generation = json.load(open(os.path.join(exported, "generation_config.json")))
     assert generation["suppress_tokens"] == [image_id] and generation["eos_token_id"] == 2
     model, info = LlavaForConditionalGeneration.from_pretrained(exported, output_loading_info=True)

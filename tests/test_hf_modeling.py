@@ -14,7 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from himix_megatron.hf import AUTO_MAP, write_remote_code
+from himix_megatron.hf import AUTO_MAP, TESTED_TRANSFORMERS, write_remote_code
 from himix_megatron.hf.configuration_himix import HiMixConfig
 from himix_megatron.hf.modeling_himix import HiMixForCausalLM
 
@@ -195,6 +195,29 @@ def test_remote_code_roundtrip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits,
                                    atol=0, rtol=0)
+
+
+def test_tested_transformers_range_is_the_one_everywhere():
+    """TESTED_TRANSFORMERS (written into every export, read by `make test-hf-matrix`) agrees with setup.py's lower
+    bound and with README's Install details."""
+    import re
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    match = re.fullmatch(r">=([0-9.]+),<=([0-9.]+)", TESTED_TRANSFORMERS)  # the form the Makefile's sed reads
+    assert match, TESTED_TRANSFORMERS
+    oldest, newest = map(Version, match.groups())
+    assert oldest < newest
+    root = Path(__file__).resolve().parent.parent
+    requirement = re.search(r'"transformers>=([0-9.]+),<([0-9.]+)"', (root / "setup.py").read_text())
+    assert requirement and Version(requirement[1]) == oldest and newest < Version(requirement[2])
+    install = (root / "README.md").read_text().split("## Install details", 1)[1].split("\n## ", 1)[0]
+    assert f"`{TESTED_TRANSFORMERS}`" in install
+    # The exact versions the section quotes are those of the lock file.
+    lock = set((root / "requirements" / "lock-cpu.txt").read_text().split())
+    quoted = re.findall(r"`([a-z0-9-]+==[^`]+)`", install)
+    assert len(quoted) >= 7 and set(quoted) <= lock, set(quoted) - lock
 
 
 # --- 4. cached generation ------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ post_layernorm, head) are available, from `--hf-vision` or the checkpoint's
 tower is written without its last layer and with `vision_feature_layer = -1`, which selects the same
 features; its post_layernorm, which no feature passes through, is then the identity (ones, zeros).
 
+config.json records `himix_tested_transformers`, the range of transformers releases the export is tested with
+(himix_megatron/hf's TESTED_TRANSFORMERS).
+
 The output directory appears only when complete (written to `<output>.tmp-<pid>`, then renamed).
 """
 
@@ -37,6 +40,7 @@ from himix_megatron.convert import layout
 from himix_megatron.convert.hf_files import TOKENIZER_FILES, HFTensors, write_safetensors
 from himix_megatron.convert.hf_import import VISION_EXTRA
 from himix_megatron.convert.layout import ConversionError
+from himix_megatron.hf import TESTED_TRANSFORMERS, TESTED_TRANSFORMERS_KEY
 
 IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -225,6 +229,8 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
         ids = {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         build = _export_himix if arch == "himix" else _export_vanilla
         tensors, config = build(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids)
+        # The transformers releases this export's files (remote code, config and processor layout) are tested with.
+        setattr(config, TESTED_TRANSFORMERS_KEY, TESTED_TRANSFORMERS)
         config.dtype = target
         config.save_pretrained(tmp)
         tensors = {k: t.to(target) for k, t in tensors.items()}
