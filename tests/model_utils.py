@@ -74,3 +74,34 @@ def gather_tp(name: str, tensor: torch.Tensor, param: torch.nn.Parameter) -> tor
     pieces = [torch.empty_like(tensor) for _ in range(size)]
     torch.distributed.all_gather(pieces, tensor.contiguous(), group=group)
     return unshard(name, pieces, param)
+
+
+def global_names(chunk) -> dict:
+    """chunk-local parameter name -> (the name the same tensor has in the single-rank model, parameter)."""
+    names = {}
+    for name, param in chunk.named_parameters():
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
+        names[name] = (".".join(parts), param)
+    return names
+
+
+def build_rank_chunks(arch: str, parallel: ParallelConfig, weights: dict | None = None) -> list:
+    """This rank's seeded model chunks, loaded with `weights` (single-rank names) when given."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from himix_megatron.model import model_class
+    from himix_megatron.parallel.pipeline import build_model_chunks
+
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    torch.manual_seed(0)
+    config = build_transformer_config(TINY_LM, TINY_VISION, parallel, arch=arch, use_cpu_initialization=True)
+    chunks = build_model_chunks(model_class(arch), config, TINY_LM)
+    if weights is not None:
+        tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel.tensor_model_parallel_size
+        with torch.no_grad():
+            for chunk in chunks:
+                for full_name, param in global_names(chunk).values():
+                    param.copy_(shard(full_name, weights[full_name], param, tp_rank, tp_size))
+    return chunks

@@ -8,7 +8,7 @@ import torch
 
 from himix_megatron.config import ParallelConfig
 from himix_megatron.data.packing import segment_params
-from model_utils import TINY_LM, TINY_VISION, build_tiny, gather_tp, shard
+from model_utils import TINY_LM, TINY_VISION, build_rank_chunks, build_tiny, gather_tp, global_names
 from multiprocess import run_world
 
 ARCHS = ["himix", "uniform", "hierarchical", "vanilla"]
@@ -140,32 +140,9 @@ def _rows(arch, pipelined: bool):
 
 
 def _run(arch, parallel, weights=None, pad_for_pipeline=False):
-    from megatron.core import parallel_state, tensor_parallel
+    from himix_megatron.parallel.pipeline import forward_backward
 
-    from himix_megatron.config import build_transformer_config
-    from himix_megatron.model import model_class
-    from himix_megatron.parallel.pipeline import build_model_chunks, forward_backward
-
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    torch.manual_seed(0)
-    config = build_transformer_config(TINY_LM, TINY_VISION, parallel, arch=arch, use_cpu_initialization=True)
-    chunks = build_model_chunks(model_class(arch), config, TINY_LM)
-    tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel.tensor_model_parallel_size
-
-    def global_names(chunk):
-        names = {}
-        for name, param in chunk.named_parameters():
-            parts = name.split(".")
-            if parts[:2] == ["decoder", "layers"]:
-                parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
-            names[name] = (".".join(parts), param)
-        return names
-
-    if weights is not None:
-        with torch.no_grad():
-            for chunk in chunks:
-                for name, (full_name, param) in global_names(chunk).items():
-                    param.copy_(shard(full_name, weights[full_name], param, tp_rank, tp_size))
+    chunks = build_rank_chunks(arch, parallel, weights)
     sums = forward_backward(chunks, _rows(arch, pad_for_pipeline), lambda x: x, vision_tokens=N)
     grads = {}
     for chunk in chunks:

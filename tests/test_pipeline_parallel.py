@@ -4,8 +4,8 @@ per micro-batch on the first stage only."""
 import pytest
 import torch
 
-from himix_megatron.config import ParallelConfig, build_transformer_config
-from model_utils import TINY_LM, TINY_VISION, gather_tp, shard, tiny_batch
+from himix_megatron.config import ParallelConfig
+from model_utils import TINY_VISION, build_rank_chunks, gather_tp, global_names, tiny_batch
 from multiprocess import run_world
 
 MICROBATCHES = 4
@@ -27,32 +27,11 @@ def _microbatches(arch):
 
 def _run(arch, parallel, weights=None):
     """Build this rank's chunks (loading `weights`, TP=1 names, if given), run one step; report."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
-    from himix_megatron.model import model_class
-    from himix_megatron.parallel.pipeline import build_model_chunks, forward_backward
+    from himix_megatron.parallel.pipeline import forward_backward
 
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    torch.manual_seed(0)
-    config = build_transformer_config(TINY_LM, TINY_VISION, parallel, arch=arch, use_cpu_initialization=True)
-    chunks = build_model_chunks(model_class(arch), config, TINY_LM)
-    tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel.tensor_model_parallel_size
-
-    def global_names(chunk):
-        """chunk-local parameter name -> the name the same tensor has in the single-rank model."""
-        names = {}
-        for name, param in chunk.named_parameters():
-            parts = name.split(".")
-            if parts[:2] == ["decoder", "layers"]:
-                parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
-            names[name] = (".".join(parts), param)
-        return names
-
-    if weights is not None:
-        with torch.no_grad():
-            for chunk in chunks:
-                for name, (full_name, param) in global_names(chunk).items():
-                    param.copy_(shard(full_name, weights[full_name], param, tp_rank, tp_size))
+    chunks = build_rank_chunks(arch, parallel, weights)
 
     calls = []
 

@@ -57,6 +57,11 @@ def test_resume_reproduces_the_uninterrupted_run(synthetic, tmp_path):
     scheduler and RNG all come back, so iterations 4-6 after a resume equal the uninterrupted ones."""
     cfg = _cfg(synthetic, global_batch_size=16, use_distributed_optimizer=True, save=str(tmp_path / "run"),
                save_interval=3, lr_warmup_fraction=0.34)
+    assert_resume_is_exact(cfg, tmp_path)
+
+
+def assert_resume_is_exact(cfg: TrainConfig, tmp_path) -> None:
+    """6 iterations at DP=2 with a save at 3; resumed from it, iterations 4-6 equal the uninterrupted ones."""
     full = run_world(2, _parallel(cfg), _train, cfg)
     resumed_cfg = dataclasses.replace(cfg, save=str(tmp_path / "resumed"),
                                       load=str(tmp_path / "run" / "iter_0000003"))
