@@ -358,7 +358,11 @@ def build_model(description: ModelDescription, parallel: ParallelConfig, *, use_
                                                     use_cpu_initialization=use_cpu_initialization),
                                 description.vision)
     # As Megatron-LM's Float16Module does: every parameter in the training dtype, norms included
-    # (some are created in fp32); the optimizer keeps the fp32 main copies.
+    # (some are created in fp32); the optimizer keeps the fp32 main copies. On this rank's device: with
+    # use_cpu_initialization megatron builds on the CPU, and CLIPViTModel always builds conv1 and its
+    # position embeddings there (while its position ids go to the GPU).
+    from himix_megatron.platform import device
+
     for module in chunks + ([encoder] if encoder is not None else []):
-        module.to(params_dtype)
+        module.to(device=device(), dtype=params_dtype)
     return chunks, encoder

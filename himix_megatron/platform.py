@@ -129,6 +129,11 @@ def initialize(
     return launch
 
 
+def device() -> torch.device:
+    """Where this rank computes: its GPU (set by initialize from LOCAL_RANK), or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 

@@ -97,3 +97,18 @@ def test_missing_data_path():
     cfg = parse_args(["--train-iters", "1"])
     with pytest.raises(ConfigError, match="--data-path is required"):
         check(cfg, 1, te_available=False, cuda=False)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pad-to-seq-length", "--seq-length", "2047"], r"--fp8-format needs the text GEMM rows, --seq-length 2047 x "
+                                                     r"--micro-batch-size 1, to be a multiple of 8"),
+    (["--pad-to-seq-length", "--seq-length", "2056", "--sequence-parallel", "--tensor-model-parallel-size", "2"],
+     r"--seq-length 2056 / TP 2 x --micro-batch-size 1, to be a multiple of 8"),
+])
+def test_fp8_shapes_are_refused_before_step_one(shards, extra, message):
+    cfg = parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", *extra))
+    with pytest.raises(ConfigError, match=message):
+        check(cfg, 2, te_available=True, cuda=True)
+    # Dynamic padding and packing round every width up to 8 (8 x TP under sequence parallelism) themselves.
+    check(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--seq-length", "2047")), 1,
+          te_available=True, cuda=True)

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from himix_megatron.data.collate import CollateConfig, Sample, collate
 
-# Rows are padded to a multiple of this many text tokens (FP8 GEMMs need the row count to be a multiple
-# of 8; 8 also keeps the number of distinct shapes small).
+# Rows are padded to a multiple of this many text tokens by default (FP8 GEMMs need the row count to be a
+# multiple of 8; 8 also keeps the number of distinct shapes small). Sequence parallelism needs 8 x TP.
 ROW_MULTIPLE = 8
 
 
@@ -43,6 +43,7 @@ class PackingConfig:
     buffer_size: Optional[int] = None  # samples considered at once; None: the whole group given to pack()
     max_images: Optional[int] = None  # images per row; None: no cap
     vision_tokens: int = 0  # N, vision tokens per image (the key layout needs it)
+    row_multiple: int = ROW_MULTIPLE  # rows are padded to a multiple of this
 
     def __post_init__(self):
         for name in ("seq_length", "buffer_size", "max_images"):
@@ -65,6 +66,9 @@ class SegmentParams(PackedSeqParams):
     # Index of each key in cat([vision tokens of image 0, 1, ... (image-major), text tokens]).
     kv_order: Optional[Tensor] = None
     text_in_kv: Optional[Tensor] = None  # [T] where each text token lands in the key sequence
+    # > 1: the segments are the rows of an unpacked [M, b] batch (one sample each, all of length M), attended
+    # to as segments so that imageless samples get no vision keys without a mask (model/himix_model.py).
+    batch_rows: int = 1
 
     @property
     def num_images(self) -> int:
@@ -96,7 +100,8 @@ def _offsets(lengths: Sequence[int]) -> Tensor:
     return out
 
 
-def segment_params(text_lengths: Sequence[int], has_image: Sequence[bool], vision_tokens: int) -> SegmentParams:
+def segment_params(text_lengths: Sequence[int], has_image: Sequence[bool], vision_tokens: int,
+                   batch_rows: int = 1) -> SegmentParams:
     """The full description of a row whose segments have these text lengths and image flags."""
     text_lengths, has_image = tuple(int(n) for n in text_lengths), tuple(bool(v) for v in has_image)
     if not text_lengths or min(text_lengths) < 1:
@@ -123,6 +128,7 @@ def segment_params(text_lengths: Sequence[int], has_image: Sequence[bool], visio
         max_seqlen_q=max(text_lengths), max_seqlen_kv=max(kv_lengths),
         text_lengths=text_lengths, has_image=has_image, vision_tokens=n,
         text_positions=torch.cat(positions), kv_order=torch.cat(order), text_in_kv=torch.cat(text_in_kv),
+        batch_rows=batch_rows,
     )
 
 
@@ -164,18 +170,18 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def pack_row(samples: Sequence[Sample], collate_cfg: CollateConfig, vision_tokens: int,
-             width: Optional[int] = None) -> dict:
+             width: Optional[int] = None, row_multiple: int = ROW_MULTIPLE) -> dict:
     """One packed row, as a micro-batch dict like `collate`'s with batch 1, plus `segments`; `lengths` holds
     each sample's text tokens.
 
-    The row is padded to `width` (default: its length rounded up to ROW_MULTIPLE) by a last, imageless
+    The row is padded to `width` (default: its length rounded up to `row_multiple`) by a last, imageless
     segment of pad tokens that carries no loss: it attends only to itself, so it needs no special case in
     any attention backend (FlashAttention takes no padding between segments).
     """
     parts = [collate([s], replace(collate_cfg, pad_to="longest", pad_multiple=1)) for s in samples]
     lengths = [int(p["lengths"][0]) for p in parts]
     real = sum(lengths)
-    width = _round_up(real, ROW_MULTIPLE) if width is None else width
+    width = _round_up(real, row_multiple) if width is None else width
     if width < real:
         raise ValueError(f"packed row of {real} tokens does not fit width {width}")
     flags = [bool(p["has_image"][0]) for p in parts]
@@ -205,7 +211,8 @@ def pack(samples: Sequence[Sample], collate_cfg: CollateConfig, cfg: PackingConf
     """A group of samples (one step's share of a data-parallel rank) -> packed rows, in plan order."""
     lengths = [len(s.ids) - 1 for s in samples]
     rows = plan_rows(lengths, [s.image is not None for s in samples], cfg)
-    return [pack_row([samples[i] for i in row], collate_cfg, cfg.vision_tokens) for row in rows]
+    return [pack_row([samples[i] for i in row], collate_cfg, cfg.vision_tokens, row_multiple=cfg.row_multiple)
+            for row in rows]
 
 
 def extend_segments(segments: SegmentParams, extra: int) -> SegmentParams:

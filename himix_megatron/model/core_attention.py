@@ -23,8 +23,17 @@ from torch.nn.attention.bias import causal_lower_right
 
 
 def te_available() -> bool:
-    """Transformer Engine spec when TE imports and a GPU is present; the local spec otherwise."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    """Transformer Engine spec when TE's PyTorch frontend is installed and a GPU is present; local otherwise.
+
+    TE's core wheel alone (`transformer_engine` without `transformer_engine.pytorch`) has none of the modules
+    the spec uses, so finding the top-level package is not enough.
+    """
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        return importlib.util.find_spec("transformer_engine.pytorch") is not None
+    except (ImportError, ValueError):  # a namespace-only or broken install
+        return False
 
 
 def _segment_lengths(packed_seq_params) -> tuple[list[int], list[int]]:

@@ -134,6 +134,9 @@ class MixtureAttention(SelfAttention):
                 "HiMix attention does not support megatron inference contexts; generate through the Hugging Face export"
             )
         query, key, value = self.get_query_key_value_tensors(hidden_states)
+        rows = packed_seq_params.batch_rows if packed_seq_params is not None else 1
+        if rows > 1:  # an unpacked batch attended to as one segment per sample: [M, b, ...] -> [b * M, 1, ...]
+            query, key, value = (t.transpose(0, 1).reshape(-1, 1, *t.shape[2:]) for t in (query, key, value))
         if rotary_pos_emb is not None:
             q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             if packed_seq_params is not None:
@@ -164,8 +167,8 @@ class MixtureAttention(SelfAttention):
         else:
             context = self.core_attention(query, key, value, attention_mask, attn_mask_type=mask_type,
                                           packed_seq_params=packed_seq_params)
-        if packed_seq_params is not None:
-            context = context.reshape(context.shape[0], 1, -1)
+        if packed_seq_params is not None:  # [T, heads * hn] -> [T, 1, ...], or back to [M, b, ...]
+            context = context.reshape(rows, -1, context.shape[-1]).transpose(0, 1)
         return self.linear_proj(context)
 
 

@@ -14,7 +14,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
 from himix_megatron.config import ConfigError, HiMixTransformerConfig, LanguageModelConfig
-from himix_megatron.data.packing import SegmentParams
+from himix_megatron.data.packing import SegmentParams, segment_params
 from himix_megatron.model.common import (
     build_connector,
     check_packed_vision_features,
@@ -61,6 +61,11 @@ class HiMixModel(GPTModel):
             vp_stage=vp_stage,
             **gpt_model_kwargs(config, lm),
         )
+        # A batch where some samples lack an image: on TE, an explicit mask would send the whole micro-batch
+        # to the unfused backend (scores [b x heads, M, N + M] materialised), so each sample becomes a segment
+        # of its own, imageless ones with no vision keys, served by the flash / fused thd kernels. The local
+        # spec keeps the one batched SDPA call with a mask, which is faster on CPU; both are exact.
+        self.mixed_batches_as_segments = self.use_te
         # Fig. 4a: one connector whose output every layer reads through its own K/V projection.
         self.vision_projection = None
         if config.arch == "uniform":
@@ -86,7 +91,13 @@ class HiMixModel(GPTModel):
                                       input_ids.shape[0] if input_ids is not None else None)
             if packed_seq_params is None and image_present is not None and not bool(image_present.all()):
                 text_len = input_ids.shape[1] if input_ids is not None else decoder_input.shape[0]
-                attention_mask = mixture_attention_mask(text_len, vision_features.shape[0], image_present)
+                if self.mixed_batches_as_segments:
+                    packed_seq_params = segment_params([text_len] * len(image_present), image_present.tolist(),
+                                                       vision_features.shape[0], batch_rows=len(image_present)
+                                                       ).to(vision_features.device)
+                    vision_features = vision_features[:, image_present.bool()]
+                else:
+                    attention_mask = mixture_attention_mask(text_len, vision_features.shape[0], image_present)
             if self.vision_projection is not None:
                 vision_features = self.vision_projection(vision_features)
         return super().forward(

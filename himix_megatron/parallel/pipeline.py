@@ -45,6 +45,13 @@ class MicroBatch:
     # that has one, [images, 3, S, S].
     segments: Optional[SegmentParams] = None
 
+    def to(self, device) -> "MicroBatch":
+        """The same micro-batch on `device` (copies issued non-blocking; `lengths` stays, it is bookkeeping)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.tokens), move(self.positions), move(self.labels), move(self.loss_mask),
+                          move(self.images), move(self.image_present), self.lengths,
+                          None if self.segments is None else self.segments.to(device))
+
     @property
     def image_count(self) -> int:
         """Columns of this micro-batch's X_v: one per sample, or one per image of a packed row."""

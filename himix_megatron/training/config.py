@@ -256,6 +256,16 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
             raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model, as in Megatron-LM)")
     if cfg.sequence_parallel and cfg.tensor_model_parallel_size == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if cfg.pad_to_seq_length:
+        # Fixed widths: the GEMMs see seq_length x micro-batch rows (/ TP under sequence parallelism).
+        split = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
+        if cfg.seq_length % split:
+            raise ConfigError(f"--sequence-parallel splits --seq-length {cfg.seq_length} over "
+                              f"--tensor-model-parallel-size {split}: it must divide it")
+        if cfg.fp8_format is not None and (cfg.seq_length // split * cfg.micro_batch_size) % 8:
+            raise ConfigError(f"--fp8-format needs the text GEMM rows, --seq-length {cfg.seq_length}"
+                              + (f" / TP {split}" if split > 1 else "") + f" x --micro-batch-size "
+                              f"{cfg.micro_batch_size}, to be a multiple of 8")
     if cfg.save_interval is not None and cfg.save is None:
         raise ConfigError("--save-interval needs --save")
     if cfg.eval_interval is not None and not cfg.valid_data_path:

@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from himix_megatron import platform
 from himix_megatron.config import ConfigError, LanguageModelConfig
 from himix_megatron.data import DatasetSpec, ImageConfig, LoaderConfig, ShardLoader, TemplateConfig, load_tokenizer
 from himix_megatron.data.packing import ROW_MULTIPLE, PackingConfig, extend_segments
@@ -42,9 +43,8 @@ def loader_config(cfg: TrainConfig, template: str, image_size: int, *, valid: bo
                         "--valid-data-path" if valid else "--data-path"),
         micro_batch_size=group if packing is not None else cfg.micro_batch_size,
         seq_length=cfg.seq_length,
-        # Rounded to 8: FP8 GEMMs need it, and it bounds the number of distinct shapes.
         pad_to="seq_length" if cfg.pad_to_seq_length else "longest",
-        pad_multiple=ROW_MULTIPLE,
+        pad_multiple=row_multiple(cfg),
         packing=packing,
         template=TemplateConfig(template, image="remove", system=cfg.system_prompt),
         image=ImageConfig(size=image_size),
@@ -76,16 +76,23 @@ def train_iters(cfg: TrainConfig, global_batch_size: int, dp: int, tokenizer, te
     return iters
 
 
-def packing_config(cfg: TrainConfig, vision_tokens: int, dp: int) -> Optional[PackingConfig]:
+def row_multiple(cfg: TrainConfig) -> int:
+    """Micro-batch widths round up to this: 8 for FP8's GEMMs (and few distinct shapes); sequence
+    parallelism splits the rows over TP ranks, and each rank's share must be a multiple of 8 too."""
+    return ROW_MULTIPLE * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+
+
+def packing_config(cfg: TrainConfig, vision_tokens: int) -> Optional[PackingConfig]:
     if cfg.packing_seq_length is None:
         return None
-    return PackingConfig(cfg.packing_seq_length, cfg.packing_buffer_size, packing_max_images(cfg), vision_tokens)
+    return PackingConfig(cfg.packing_seq_length, cfg.packing_buffer_size, packing_max_images(cfg), vision_tokens,
+                         row_multiple(cfg))
 
 
 def build_train_loader(run) -> ShardLoader:
     rank, world = _data_parallel()
     cfg = run.cfg
-    packing = packing_config(cfg, run.description.vision.num_features, world)
+    packing = packing_config(cfg, run.description.vision.num_features)
     return ShardLoader(loader_config(cfg, run.template, run.description.vision.image_size,
                                      num_samples=run.train_iters * run.global_batch_size, packing=packing,
                                      group=run.global_batch_size // world),
@@ -104,7 +111,7 @@ def build_valid_loader(run, paths: list, eval_iters: Optional[int]) -> ShardLoad
         samples = min(samples, eval_iters * run.global_batch_size)
     if samples == 0:
         raise ConfigError(f"--valid-data-path holds {length} samples, fewer than micro batch x DP = {per_step}")
-    packing = packing_config(cfg, run.description.vision.num_features, world)
+    packing = packing_config(cfg, run.description.vision.num_features)
     cfg_valid = loader_config(cfg, run.template, run.description.vision.image_size, valid=True, num_samples=samples,
                               packing=packing, group=run.global_batch_size // world)
     return ShardLoader(cfg_valid, run.tokenizer, rank=rank, world_size=world)
@@ -119,7 +126,7 @@ def step_stream(run, loader: ShardLoader, *, finite: bool = False) -> Iterator[l
         image_tokens = run.description.vision.num_features if run.description.arch == "vanilla" else 0
         pipeline_pad = (run.tokenizer.pad_id, image_tokens)
     count = None if run.cfg.packing_seq_length is not None else run.num_microbatches
-    return microbatch_stream(loader, count, finite=finite, pipeline_pad=pipeline_pad)
+    return microbatch_stream(loader, count, finite=finite, pipeline_pad=pipeline_pad, device=platform.device())
 
 
 def to_microbatch(batch: dict) -> MicroBatch:
@@ -170,17 +177,19 @@ def one_decoder_length(microbatches: list[MicroBatch], pad_id: int, image_tokens
 
 
 def microbatch_stream(loader: ShardLoader, count: Optional[int], *, finite: bool = False,
-                      pipeline_pad: Optional[tuple[int, int]] = None) -> Iterator[list[MicroBatch]]:
+                      pipeline_pad: Optional[tuple[int, int]] = None, device=None) -> Iterator[list[MicroBatch]]:
     """Lists of micro-batches: one global batch's share for this data-parallel rank.
 
     Unpacked: `count` micro-batches of the loader. Packed (count None): each loader item is already one
     step's packed rows, however many. `pipeline_pad` = (pad_id, image tokens) pads each step to one decoder
-    length (pipeline parallelism). Training streams are sized to the run and never end early; a finite
+    length (pipeline parallelism); `device` moves every micro-batch there. Training streams are sized to the
+    run and never end early; a finite
     (validation) stream ends with whatever remains.
     """
     def finish(batches):
         step = [to_microbatch(b) for b in batches]
-        return one_decoder_length(step, *pipeline_pad) if pipeline_pad is not None else step
+        step = one_decoder_length(step, *pipeline_pad) if pipeline_pad is not None else step
+        return [mb.to(device) for mb in step] if device is not None else step
 
     pending = []
     for item in loader:

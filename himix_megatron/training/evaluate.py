@@ -13,6 +13,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from himix_megatron import platform
 from himix_megatron.parallel.pipeline import MicroBatch, forward_backward
 from himix_megatron.training import data as training_data
 
@@ -43,7 +44,7 @@ def evaluate(run, paths: list, metrics=None) -> dict:
     for chunk in run.chunks:
         chunk.eval()
     loader = training_data.build_valid_loader(run, paths, run.cfg.eval_iters)
-    totals = torch.zeros(4, dtype=torch.float64)
+    totals = torch.zeros(4, dtype=torch.float64, device=platform.device())
     vocab = run.description.language.vocab_size
     score = partial(_score, vocab)
     for microbatches in training_data.step_stream(run, loader, finite=True):

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from himix_megatron import platform
+
 from himix_megatron.config import ConfigError
 from himix_megatron.training.config import TrainConfig
 
@@ -36,7 +38,7 @@ def apply_stage(chunks: Sequence[torch.nn.Module], stage: str) -> int:
             param.requires_grad_(stage != "pretrain" or is_vision_parameter(name))
             if param.requires_grad and _counted_here(param):
                 local += param.numel()
-    total = torch.tensor([local], dtype=torch.long)
+    total = torch.tensor([local], dtype=torch.long, device=platform.device())  # NCCL reduces GPU tensors only
     torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
     if int(total) == 0:
         raise ConfigError(f"--stage {stage}: no parameter of this model would train")

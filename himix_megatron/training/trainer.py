@@ -198,11 +198,11 @@ def _reduce_step_stats(stats: Optional[torch.Tensor], microbatches, flops_of) ->
 
     counted = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                and parallel_state.get_tensor_model_parallel_rank() == 0)
-    values = torch.zeros(len(STEP_STATS), dtype=torch.float64)
+    values = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=platform.device())  # NCCL: on the GPU
     if counted:
         lengths = [int(n) for mb in microbatches for n in mb.lengths]
         values[0], values[1] = stats[:, 0].double().sum(), stats[:, 1].double().sum()
-        values[2], values[3] = sum(lengths), len(lengths)
+        values[2], values[3] = sum(lengths), len(lengths)  # lengths stay on the CPU: no device sync
         values[4] = sum(flops_of(n) for n in lengths)
         values[5] = sum(mb.tokens.numel() for mb in microbatches)
         values[6] = sum(mb.tokens.shape[0] for mb in microbatches)

@@ -121,3 +121,10 @@ def test_pack_uses_every_sample_once():
     rows = pack(samples, cfg, PackingConfig(seq_length=32, vision_tokens=4, max_images=2))
     assert sorted(i for r in rows for i in r["ids"]) == sorted(s.sample_id for s in samples)
     assert sum(r["loss_mask"].sum() for r in rows) == sum(float(s.targets[1:].sum()) for s in samples)
+
+
+def test_rows_round_up_to_the_row_multiple():
+    cfg = CollateConfig(seq_length=32, pad_id=0, image_size=8)
+    [row] = pack([_sample(5, True, 1), _sample(6, False, 2)], cfg,
+                 PackingConfig(seq_length=64, vision_tokens=4, row_multiple=16))
+    assert row["tokens"].shape == (1, 16) and row["segments"].text_lengths == (5, 6, 5)
