@@ -168,6 +168,47 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)  # megatron DDP keeps the model in .module
 
 
+def _spec(model_chunks) -> str:
+    """Which layer spec the model was built with: "te" (Transformer Engine) or "local"."""
+    return "te" if getattr(_unwrap(model_chunks[0]), "use_te", False) else "local"
+
+
+EXTRA_STATE = "_extra_state"
+
+
+def without_extra_state(state: dict) -> tuple[dict, int]:
+    """`state` without Transformer Engine's `_extra_state` entries (FP8 scaling metadata), and how many.
+
+    Local and TE checkpoints share every weight key (megatron's local specs map their norms onto TE's fused
+    names), but each TE module also saves an `_extra_state`. A TE model loading a local checkpoint has no
+    such entry to read: it starts its FP8 history fresh, as after TE's own initialisation. (A local model
+    loading a TE checkpoint never asks for them.)
+    """
+    dropped = 0
+
+    def walk(d: dict) -> dict:
+        nonlocal dropped
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out[k] = walk(v)
+            elif k.endswith(EXTRA_STATE):
+                dropped += 1
+            else:
+                out[k] = v
+        return out
+
+    return walk(state), dropped
+
+
+def _load_module(module: torch.nn.Module, state: dict, strict: bool, extra_state_missing: bool, what: str) -> None:
+    result = module.load_state_dict(state, strict=strict and not extra_state_missing)
+    if strict and extra_state_missing:
+        missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{what}: missing keys {missing}, unexpected keys {result.unexpected_keys}")
+
+
 def _model_state(model_chunks: Sequence[torch.nn.Module], encoder) -> dict:
     # Keys inside are megatron-core's global sharded keys (layer numbers offset per stage), so the
     # per-chunk nesting here does not tie the checkpoint to a pipeline layout.
@@ -259,7 +300,7 @@ def save_checkpoint(save_dir: str, model_chunks: Sequence[torch.nn.Module], desc
             shutil.copyfile(source, os.path.join(tmp, name))
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "model": description.to_dict(),
                 "parallel": _parallel_layout(), "contents": contents, "optimizer_format": optimizer_format,
-                "train_state": train_state or {}}
+                "train_state": train_state or {}, "spec": _spec(model_chunks)}
         with open(os.path.join(tmp, DESCRIPTION), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         files = {os.path.relpath(os.path.join(root, f), tmp): os.path.getsize(os.path.join(root, f))
@@ -303,6 +344,10 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], *, e
         raise CheckpointError(f"{iter_dir}: holds no vision encoder weights")
 
     state = _model_state(model_chunks, encoder)
+    # Checkpoints from before the spec was recorded were all saved with the local spec.
+    extra_state_missing = meta.get("spec", "local") == "local" and _spec(model_chunks) == "te"
+    if extra_state_missing:
+        state, _ = without_extra_state(state)
     loaded = sorted(state)
     if optimizer is not None and "optimizer" in contents:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -321,10 +366,10 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], *, e
 
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(restored[key], strict=strict)
+        _load_module(_unwrap(chunk), restored[key], strict, extra_state_missing, f"{iter_dir} {key}")
     if encoder is not None:
-        encoder.load_state_dict({k.removeprefix("vision_encoder."): v
-                                 for k, v in restored["vision_encoder"].items()}, strict=strict)
+        _load_module(encoder, {k.removeprefix("vision_encoder."): v for k, v in restored["vision_encoder"].items()},
+                     strict, extra_state_missing, f"{iter_dir} vision_encoder")
     if "optimizer" in loaded:  # (`restored` may hold the optimizer's common part regardless)
         optimizer.load_state_dict(restored["optimizer"])
     if scheduler is not None and "scheduler" in restored:
@@ -338,25 +383,28 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], *, e
 
 
 def build_model(description: ModelDescription, parallel: ParallelConfig, *, use_cpu_initialization: bool = True,
-                params_dtype: torch.dtype = torch.float32, **overrides):
-    """This rank's model chunks and, on the first pipeline stage, the frozen vision encoder."""
+                params_dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None, **overrides):
+    """This rank's model chunks and, on the first pipeline stage, the frozen vision encoder.
+
+    use_te: the Transformer Engine spec (True), the local one (False), or what the machine allows (None).
+    """
     from megatron.core import parallel_state
 
     from himix_megatron.config import build_transformer_config, validate
     from himix_megatron.model import model_class
-    from himix_megatron.model.vision import VisionEncoder, build_vision_config
+    from himix_megatron.model.vision import VisionEncoder, build_vision_config, vision_layer_spec
     from himix_megatron.parallel.pipeline import build_model_chunks
 
     validate(description.language, parallel, description.arch)
     config = build_transformer_config(description.language, description.vision, parallel, arch=description.arch,
                                       params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization,
                                       padded_vocab_size=description.padded_vocab_size, **overrides)
-    chunks = build_model_chunks(model_class(description.arch), config, description.language)
+    chunks = build_model_chunks(model_class(description.arch), config, description.language, use_te=use_te)
     encoder = None
     if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
         encoder = VisionEncoder(build_vision_config(description.vision, parallel, params_dtype=params_dtype,
                                                     use_cpu_initialization=use_cpu_initialization),
-                                description.vision)
+                                description.vision, spec=vision_layer_spec(use_te))
     # As Megatron-LM's Float16Module does: every parameter in the training dtype, norms included
     # (some are created in fp32); the optimizer keeps the fp32 main copies. On this rank's device: with
     # use_cpu_initialization megatron builds on the CPU, and CLIPViTModel always builds conv1 and its

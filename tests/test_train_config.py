@@ -112,3 +112,18 @@ def test_fp8_shapes_are_refused_before_step_one(shards, extra, message):
     # Dynamic padding and packing round every width up to 8 (8 x TP under sequence parallelism) themselves.
     check(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--seq-length", "2047")), 1,
           te_available=True, cuda=True)
+
+
+def test_fp8_needs_vision_rows_in_multiples_of_8(shards):
+    from himix_megatron.training.config import check_fp8_vision
+
+    fp8 = parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--micro-batch-size", "4"))
+    check_fp8_vision(fp8, "himix", 728)  # SigLIP-so400m: 728 = 8 x 91
+    with pytest.raises(ConfigError, match=r"N = 63 tokens per image.*--micro-batch-size"):
+        check_fp8_vision(fp8, "himix", 63)
+    check_fp8_vision(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--micro-batch-size", "8")),
+                     "himix", 63)
+    with pytest.raises(ConfigError, match="N = 63 tokens per image.*bf16"):  # packed rows hold any number
+        check_fp8_vision(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--packing-seq-length", "64",
+                                          "--seq-length", "32")), "himix", 63)
+    check_fp8_vision(parse_args(_args(shards, "--micro-batch-size", "3")), "himix", 63)  # bf16: no constraint

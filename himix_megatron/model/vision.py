@@ -105,9 +105,11 @@ def build_vision_config(
     return TransformerConfig(**fields)
 
 
-def vision_layer_spec() -> ModuleSpec:
-    """SigLIP encoder layer: pre-LayerNorm attention (no mask) and GELU MLP, biases everywhere."""
-    if te_available():
+def vision_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
+    """SigLIP encoder layer: pre-LayerNorm attention (no mask) and GELU MLP, biases everywhere.
+
+    use_te: Transformer Engine's ViT spec, the local one, or (None) whichever the machine allows."""
+    if te_available() if use_te is None else use_te:
         from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
 
         return get_vit_layer_with_transformer_engine_spec()
@@ -128,6 +130,10 @@ def vision_layer_spec() -> ModuleSpec:
                 module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
             ),
             mlp_bda=get_bias_dropout_add,
+            # The TE spec fuses these norms into the following linears; saving under the fused names lets
+            # local and TE checkpoints load each other (as megatron-core's local GPT spec does).
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                                         "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
         ),
     )
 

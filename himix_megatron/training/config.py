@@ -225,6 +225,19 @@ def check_packing(cfg: TrainConfig, dp: int) -> None:
         raise ConfigError("--packing-max-images must be >= 1")
 
 
+def check_fp8_vision(cfg: TrainConfig, arch: str, vision_tokens: int) -> None:
+    """FP8 GEMMs need their rows in multiples of 8. HiMix's vision K/V projections run over N x images rows
+    (images: the micro-batch, or a packed row's, any number); vanilla's sequence holds N image tokens."""
+    if cfg.fp8_format is None or vision_tokens % 8 == 0:
+        return
+    if arch == "vanilla" or cfg.packing_seq_length is not None or vision_tokens * cfg.micro_batch_size % 8:
+        raise ConfigError(
+            f"--fp8-format: the vision encoder gives N = {vision_tokens} tokens per image, and FP8 GEMMs need "
+            "rows in multiples of 8: " + ("use a --micro-batch-size that makes N x micro-batch one"
+                                          if arch != "vanilla" and cfg.packing_seq_length is None else
+                                          "train this encoder in bf16"))
+
+
 def packing_max_images(cfg: TrainConfig) -> int:
     return cfg.packing_max_images or max(1, cfg.packing_seq_length // 256)
 

@@ -36,7 +36,7 @@ from himix_megatron.checkpoint import (
 from himix_megatron.config import ConfigError, ParallelConfig, language_model_preset, vision_model_preset
 from himix_megatron.parallel.pipeline import forward_backward
 from himix_megatron.training import data as training_data
-from himix_megatron.training.config import TrainConfig, check, packing_max_images
+from himix_megatron.training.config import TrainConfig, check, check_fp8_vision, packing_max_images
 from himix_megatron.training.metrics import MetricsLogger, detect_peak_flops
 from himix_megatron.training.optimizer import apply_stage, build_optimizer, wrap_ddp
 
@@ -101,6 +101,7 @@ def setup(cfg: TrainConfig) -> Run:
     # Resolved once, so every read below comes from the same iteration even if a save lands meanwhile.
     checkpoint = resolve(cfg.load) if _has_checkpoint(cfg.load) else None
     description = _description(cfg, checkpoint)
+    check_fp8_vision(cfg, description.arch, description.vision.num_features)
     positions = description.language.max_position_embeddings
     if cfg.seq_length > positions:
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's {positions} positions "
