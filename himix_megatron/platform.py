@@ -88,14 +88,29 @@ def discover_launch(env: Optional[dict] = None) -> Launch:
     return Launch(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
+_use_gpu: Optional[bool] = None  # set by initialize(); None before it: whether CUDA is available
+
+
+def gpu_enabled() -> bool:
+    """Whether this process computes on its GPU (and so may use the Transformer Engine spec)."""
+    return torch.cuda.is_available() if _use_gpu is None else _use_gpu
+
+
 def initialize(
     parallel: ParallelConfig = ParallelConfig(),
     *,
     seed: int = 1234,
     timeout_minutes: int = 30,
     launch: Optional[Launch] = None,
+    use_gpu: Optional[bool] = None,
 ) -> Launch:
-    """Start torch.distributed and megatron-core's parallel state; idempotent per process."""
+    """Start torch.distributed and megatron-core's parallel state; idempotent per process.
+
+    use_gpu: None uses the GPU when there is one (NCCL, the TE spec); False keeps this process on the CPU
+    (gloo, local spec) even on a GPU node: the checkpoint converters, whose TP x PP ranks need not match the
+    node's GPUs.
+    """
+    global _use_gpu
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.install()
@@ -108,7 +123,8 @@ def initialize(
             f"pipeline_model_parallel_size = {model_parallel}"
         )
     if not torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and use_gpu is not False
+        _use_gpu = cuda
         if cuda:
             torch.cuda.set_device(launch.local_rank)
         torch.distributed.init_process_group(
@@ -131,12 +147,14 @@ def initialize(
 
 def device() -> torch.device:
     """Where this rank computes: its GPU (set by initialize from LOCAL_RANK), or the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if gpu_enabled() else torch.device("cpu")
 
 
 def shutdown() -> None:
+    global _use_gpu
     from megatron.core import parallel_state
 
+    _use_gpu = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():

@@ -11,6 +11,9 @@ from himix_megatron.model import core_attention
 
 
 def test_te_spec_needs_transformer_engine_pytorch_not_only_the_core_wheel(monkeypatch):
+    from himix_megatron import platform
+
+    monkeypatch.setattr(platform, "_use_gpu", None)  # as before initialize(): follow torch.cuda
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     installed = {"transformer_engine"}
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -18,6 +21,9 @@ def test_te_spec_needs_transformer_engine_pytorch_not_only_the_core_wheel(monkey
     assert not core_attention.te_available()  # the core wheel alone
     installed.add("transformer_engine.pytorch")
     assert core_attention.te_available()
+    monkeypatch.setattr(platform, "_use_gpu", False)  # initialize(use_gpu=False): the converters on a GPU node
+    assert not core_attention.te_available()
+    monkeypatch.setattr(platform, "_use_gpu", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not core_attention.te_available()  # never without a GPU
 
@@ -128,3 +134,15 @@ def test_gpu_selfcheck_report_format():
         "attention-flash sbhd | FAIL   | x",
     ]
     assert tool.LOSS_LINE.match("iteration      3 | loss 5.4961 | lr 3.000e-03").groups() == ("3", "5.4961")
+
+
+def test_layouts_the_hot_path_cannot_serve_are_refused(single_rank):
+    import pytest
+
+    from himix_megatron.config import ConfigError
+    from model_utils import build_tiny
+
+    with pytest.raises(ConfigError, match="CUDA graphs are not supported"):
+        build_tiny("himix", cuda_graph_impl="local")
+    with pytest.raises(ConfigError, match="'hierarchical' reads its vision K/V through the text QKV weight"):
+        build_tiny("hierarchical", gradient_accumulation_fusion=True)

@@ -58,7 +58,7 @@ def load_tp1(load_dir: str):
 
     description = read_description(load_dir)
     iter_dir = resolve(load_dir)
-    platform.initialize(ParallelConfig())
+    platform.initialize(ParallelConfig(), use_gpu=False)  # a format conversion: CPU, gloo, local spec on any node
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
             parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise ConversionError("export runs in a world of one process (TP=1, PP=1)")

@@ -142,7 +142,7 @@ def _import_rank(rank: int, world: int, port: int, plan: ImportPlan, tmp: str, s
     from himix_megatron import platform
     from himix_megatron.checkpoint import build_model, save_checkpoint
 
-    platform.initialize(plan.parallel)
+    platform.initialize(plan.parallel, use_gpu=False)  # a format conversion: CPU, gloo, local spec on any node
     try:
         # Not perform_initialization=False, although every parameter is overwritten: megatron sets the
         # tensor-parallel attributes (partition_dim) that `layout.shard` reads only when it initialises.

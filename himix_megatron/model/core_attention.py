@@ -23,12 +23,15 @@ from torch.nn.attention.bias import causal_lower_right
 
 
 def te_available() -> bool:
-    """Transformer Engine spec when TE's PyTorch frontend is installed and a GPU is present; local otherwise.
+    """Transformer Engine spec when TE's PyTorch frontend is installed and this process computes on a GPU
+    (`platform.gpu_enabled()`); the local spec otherwise.
 
     TE's core wheel alone (`transformer_engine` without `transformer_engine.pytorch`) has none of the modules
     the spec uses, so finding the top-level package is not enough.
     """
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+    from himix_megatron import platform
+
+    if not platform.gpu_enabled() or importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
         return importlib.util.find_spec("transformer_engine.pytorch") is not None

@@ -51,6 +51,13 @@ class HiMixModel(GPTModel):
         self.use_te = choose_spec(config, use_te)
         if config.arch not in ("himix", "uniform", "hierarchical"):
             raise ConfigError(f"HiMixModel builds arch himix, uniform or hierarchical, not {config.arch!r}")
+        if getattr(config, "cuda_graph_impl", "none") != "none" or getattr(config, "enable_cuda_graph", False):
+            raise ConfigError("CUDA graphs are not supported: HiMix binds each call's X_v to the attention "
+                              "module (HiMixTransformerLayer), which a captured graph would freeze")
+        if config.arch != "himix" and config.gradient_accumulation_fusion:
+            raise ConfigError(f"arch {config.arch!r} reads its vision K/V through the text QKV weight with a plain "
+                              "matmul, whose gradient gradient_accumulation_fusion would drop (megatron's DDP "
+                              "skips param.grad once the fused kernel wrote main_grad); turn the fusion off")
         if config.arch == "uniform" and config.pipeline_model_parallel_size > 1:
             raise ConfigError("arch 'uniform' shares one connector across all layers and does not support "
                               "pipeline parallelism (use 'hierarchical' or 'himix')")
