@@ -91,6 +91,7 @@ warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*|full scope is de
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from himix_megatron.config import LanguageModelConfig, ParallelConfig, VisionModelConfig  # noqa: E402
+from himix_megatron.training.config import default_max_images  # noqa: E402
 
 ARCHS = ("himix", "vanilla")
 MODES = ("pad", "dyn", "pack")
@@ -508,7 +509,8 @@ def attention_bench(args, lm, lengths, has_image, vision_tokens, repeats=3) -> l
     from himix_megatron.data.packing import ROW_MULTIPLE, PackingConfig, plan_rows, segment_params
     from himix_megatron.model.core_attention import packed_sdpa
 
-    cfg = PackingConfig(args.seq_length, None, args.max_images or max(1, args.seq_length // 256), vision_tokens)
+    cfg = PackingConfig(args.seq_length, None, args.max_images or default_max_images(args.seq_length),
+                        vision_tokens)
     g = args.global_batch
     plan = plan_rows(lengths[:g], has_image[:g], cfg)
     heads, groups, hn = lm.num_attention_heads, lm.num_query_groups, lm.kv_channels
@@ -574,7 +576,8 @@ def print_data(stats: dict, lengths, has_image, seconds: float) -> None:
 
 def print_caps(caps: list, args, n: int) -> None:
     print(f"\nimage cap per packed row (plan_rows only, {caps[0]['steps']} steps of {args.global_batch} samples, "
-          f"rows of {args.seq_length}; trainer default --packing-max-images = {max(1, args.seq_length // 256)}):")
+          f"rows of {args.seq_length}; trainer default --packing-max-images = "
+          f"{default_max_images(args.seq_length)}):")
     print(f"  {'cap':>5s} {'pad eff':>8s} {'PP pad eff':>10s} {'rows/step':>10s} {'img/row':>8s} "
           f"{'max img/row':>12s} {'max row keys':>13s}")
     for c in caps:
