@@ -211,7 +211,7 @@ def check_te_vs_local(out: str) -> list[Row]:
         load_checkpoint(saved_te, back, encoder=back_encoder)
         back_loss, _, _ = _run(back[0], back_encoder, tokens, positions, labels, images, image_present=present)
         diff = (back_loss - ref_loss).abs().max().item()
-        rows.append(Row(f"te-vs-local {arch} (TE ckpt -> local)", verdict(diff <= 1e-6),
+        rows.append(Row(f"te-vs-local {arch} (TE ckpt -> local)", verdict(diff <= 1e-5),
                         f"losses equal the original local model's: max |diff| {diff:.1e}"))
 
         if arch == "himix":  # a packed THD row on TE against its samples one at a time
