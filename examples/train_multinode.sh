@@ -22,6 +22,10 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}
 # workers would read the dead ones' addresses from it and fail to connect (pytorch/pytorch#167288).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
+# On SIGTERM torchrun forwards the signal to its workers and SIGKILLs them after --shutdown-timeout (30 s by
+# default). With --exit-signal-handler the workers finish their step and save first: give them that long.
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}
+
 exec "${TORCHRUN:-torchrun}" --nnodes "$NNODES" --nproc-per-node "$NPROC" \
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv-id "$RUN_ID" \
-    --max-restarts "$MAX_RESTARTS" -m himix_megatron.train "$@"
+    --max-restarts "$MAX_RESTARTS" --shutdown-timeout "$SHUTDOWN_TIMEOUT" -m himix_megatron.train "$@"

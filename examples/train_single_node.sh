@@ -28,5 +28,9 @@ if [ $# -eq 0 ]; then
         --system-prompt "" --seq-length 24 --micro-batch-size 32 --train-iters 200 --lr 3e-3 \
         --log-interval 20 --num-workers 1 --save "$DEMO/ckpt" --load "$DEMO/ckpt" --save-interval 100
 fi
+# On SIGTERM torchrun forwards the signal to its workers and SIGKILLs them after --shutdown-timeout (30 s by
+# default). With --exit-signal-handler the workers finish their step and save first: give them that long.
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}
 exec "${TORCHRUN:-torchrun}" --standalone --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
+    --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
     -m himix_megatron.train "$@"

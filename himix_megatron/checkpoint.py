@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -138,6 +139,36 @@ def resolve(load_dir: str) -> str:
             log.warning("loading %s instead of the newer, unusable checkpoint(s) above", name)
         return os.path.join(load_dir, name)
     raise CheckpointError(f"--load {load_dir}: no complete checkpoint" + "".join(f"\n  {r}" for r in refused))
+
+
+def prune_checkpoints(save_dir: str, *, retain_interval: Optional[int] = None,
+                      keep_last: Optional[int] = None) -> list[str]:
+    """Delete the complete checkpoints that no retention rule keeps; returns the deleted directory names.
+
+    Kept: the one `latest` names (the newest complete one), every iteration that is a multiple of
+    `retain_interval` (Megatron-LM's --save-retain-interval), and the `keep_last` newest. Only whole
+    `iter_N` directories are candidates, so a save in progress (`.tmp-iter_N`) is never touched. Run after
+    a save completes; a deletion that fails is logged and skipped, never fatal.
+    """
+    if retain_interval is None and keep_last is None:
+        return []
+    latest = os.path.join(save_dir, LATEST)
+    newest = open(latest, encoding="utf-8").read().strip() if os.path.exists(latest) else None
+    found = sorted((int(d[len("iter_"):]), d) for d in os.listdir(save_dir)
+                   if re.fullmatch(r"iter_\d+", d) and os.path.isfile(os.path.join(save_dir, d, MANIFEST)))
+    keep = {newest} | {d for _, d in found[len(found) - keep_last:]} if keep_last else {newest}
+    if retain_interval:
+        keep |= {d for i, d in found if i % retain_interval == 0}
+    deleted = []
+    for _, name in found:
+        if name in keep:
+            continue
+        try:
+            shutil.rmtree(os.path.join(save_dir, name))
+            deleted.append(name)
+        except OSError as e:
+            log.warning("retention: could not delete %s: %s", os.path.join(save_dir, name), e)
+    return deleted
 
 
 def read_description(load_dir: str) -> ModelDescription:

@@ -79,8 +79,15 @@ train_stage() {
     # One task per GPU. Every task sees all of its node's GPUs and picks SLURM_LOCALID: do not add
     # --gpus-per-task / --gpu-bind, which would leave each task a single device 0.
     # --kill-on-bad-exit: one dead rank ends the step now instead of after the collective timeout.
+    # --exit-signal-handler: SLURM's warning signal (#SBATCH --signal=TERM@LEAD in the job scripts) makes every
+    # rank finish its step, save and exit 0. himix-train writes $save/DONE only when the stage's whole
+    # schedule ran, so a stop before that requeues the job, which then resumes from that checkpoint.
     himix_srun --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 \
         himix-train --config "$save/stage.yaml" --load "$load" --save "$save" \
-        --tensorboard-dir "$save/tensorboard" --no-progress "$@"
-    touch "$save/DONE"
+        --tensorboard-dir "$save/tensorboard" --no-progress --exit-signal-handler "$@"
+    if [ ! -e "$save/DONE" ]; then
+        echo "stage $stage: stopped before the end of its schedule; requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
 }

@@ -35,6 +35,7 @@ sidecar offsets) and the same limit applies at once.
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
@@ -240,6 +241,14 @@ def _identity(x):
     return x
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Preemption signals are for the training process, which finishes its step and saves; SLURM sends
+    them to every process of a task, and a worker dying of one would abort that step from the DataLoader.
+    Workers still end with their parent (torch's worker loop watches it)."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 @dataclass
 class _Counters:
     seen: int = 0
@@ -335,7 +344,8 @@ class ShardLoader:
         stream = _ChunkStream(self.data, self.order, self.encoder, rank=self.rank, world=self.world,
                               start=self.position, stop=stop, chunk=cfg.chunk_size or cfg.micro_batch_size)
         kwargs = dict(prefetch_factor=cfg.prefetch_factor) if cfg.num_workers > 0 else {}
-        return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, collate_fn=_identity, **kwargs)
+        return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, collate_fn=_identity,
+                          worker_init_fn=_ignore_stop_signals if cfg.num_workers > 0 else None, **kwargs)
 
     def __iter__(self) -> Iterator[dict]:
         stop = rank_stream_length(self.rank, self.world, self.cfg.num_samples)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -89,6 +90,17 @@ class TrainConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: Optional[int] = None
+    save_retain_interval: Optional[int] = field(default=None, metadata={
+        "help": "keep only the checkpoints at multiples of this many iterations, plus the newest (and "
+                "--save-keep-last); a multiple of --save-interval"})
+    save_keep_last: Optional[int] = field(default=None, metadata={"help": "keep the newest K checkpoints"})
+    # --- stopping early (Megatron-LM's names): finish the step, agree across ranks, save, exit 0
+    exit_signal_handler: bool = field(default=False, metadata={
+        "help": "on --exit-signal (preemption, scancel, SLURM's --signal warning) finish the current step, "
+                "save and exit 0"})
+    exit_signal: str = field(default="SIGTERM", metadata={"help": "the signal --exit-signal-handler catches"})
+    exit_duration_in_mins: Optional[float] = field(default=None, metadata={
+        "help": "stop, save and exit 0 once the run has trained this long (wall clock)"})
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = field(default=False, metadata={
@@ -108,6 +120,8 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "rank-0 progress bar"})
     inject_nan_at: list = field(default_factory=list, metadata={
         "item_type": int, "help": "testing aid: make the loss and gradients NaN at these iterations"})
+    inject_signal_at: Optional[int] = field(default=None, metadata={
+        "help": "testing aid: rank 0 sends itself --exit-signal after this iteration's step"})
 
     @property
     def data_parallel_size(self) -> int:
@@ -200,6 +214,27 @@ def parse_data_path(values: list, flag: str = "--data-path") -> list[tuple[Optio
     return pairs
 
 
+def check_stopping_and_retention(cfg: TrainConfig) -> None:
+    if cfg.exit_signal not in signal.Signals.__members__:
+        raise ConfigError(f"--exit-signal {cfg.exit_signal!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+    if cfg.exit_signal_handler and cfg.exit_signal in ("SIGKILL", "SIGSTOP"):
+        raise ConfigError(f"--exit-signal {cfg.exit_signal} cannot be caught")
+    if (cfg.exit_signal_handler or cfg.inject_signal_at is not None) and cfg.save is None:
+        raise ConfigError("--exit-signal-handler needs --save: stopping on the signal saves a checkpoint")
+    if cfg.inject_signal_at is not None and not cfg.exit_signal_handler:
+        raise ConfigError("--inject-signal-at needs --exit-signal-handler")
+    if cfg.exit_duration_in_mins is not None and cfg.exit_duration_in_mins <= 0:
+        raise ConfigError(f"--exit-duration-in-mins {cfg.exit_duration_in_mins} must be positive")
+    if cfg.save_retain_interval is not None:
+        if cfg.save is None or cfg.save_interval is None:
+            raise ConfigError("--save-retain-interval needs --save and --save-interval")
+        if cfg.save_retain_interval < 1 or cfg.save_retain_interval % cfg.save_interval:
+            raise ConfigError(f"--save-retain-interval {cfg.save_retain_interval} is not a multiple of "
+                              f"--save-interval {cfg.save_interval}: no checkpoint would be saved at its multiples")
+    if cfg.save_keep_last is not None and (cfg.save is None or cfg.save_keep_last < 1):
+        raise ConfigError("--save-keep-last needs --save and a count >= 1")
+
+
 def check_packing(cfg: TrainConfig, dp: int) -> None:
     if cfg.packing_seq_length is None:
         for name in ("packing_buffer_size", "packing_max_images"):
@@ -289,6 +324,7 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
                               f"{cfg.micro_batch_size}, to be a multiple of 8")
     if cfg.save_interval is not None and cfg.save is None:
         raise ConfigError("--save-interval needs --save")
+    check_stopping_and_retention(cfg)
     if cfg.eval_interval is not None and not cfg.valid_data_path:
         raise ConfigError("--eval-interval needs --valid-data-path")
     if cfg.overlap_grad_reduce and cfg.pipeline_model_parallel_size > 1:

@@ -13,6 +13,8 @@ import functools
 import logging
 import math
 import os
+import signal
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +30,7 @@ from himix_megatron.checkpoint import (
     build_model,
     checkpoint_tokenizer_dir,
     load_checkpoint,
+    prune_checkpoints,
     read_description,
     read_metadata,
     resolve,
@@ -41,6 +44,8 @@ from himix_megatron.training.metrics import MetricsLogger, detect_peak_flops
 from himix_megatron.training.optimizer import apply_stage, build_optimizer, wrap_ddp
 
 log = logging.getLogger(__name__)
+
+DONE = "DONE"  # written to --save when a run has trained all its iterations
 
 
 class TrainingAborted(RuntimeError):
@@ -173,7 +178,7 @@ def _load(run: Run, checkpoint: str) -> None:
 
 def _save(run: Run, loader) -> None:
     cfg = run.cfg
-    save_checkpoint(
+    saved = save_checkpoint(
         cfg.save, run.chunks, run.description, iteration=run.iteration, encoder=run.encoder,
         optimizer=run.optimizer, scheduler=run.scheduler,
         train_state={"stage": cfg.stage, "consumed_samples": run.consumed_samples,
@@ -184,6 +189,42 @@ def _save(run: Run, loader) -> None:
     )
     if torch.distributed.get_rank() == 0:
         print(f"saved checkpoint at iteration {run.iteration} to {cfg.save}", flush=True)
+        # Only once the new checkpoint is complete (save_checkpoint renamed it and moved `latest`).
+        deleted = prune_checkpoints(cfg.save, retain_interval=cfg.save_retain_interval, keep_last=cfg.save_keep_last)
+        if deleted:
+            print(f"retention: deleted {', '.join(deleted)} (kept {os.path.basename(saved)})", flush=True)
+
+
+class StopRequests:
+    """--exit-signal-handler and --exit-duration-in-mins: a reason to stop, agreed by every rank.
+
+    The handler only sets a flag; the loop finishes the step it is in. Ranks receive a signal at slightly
+    different moments (or not at all), so after each step one all-reduce (MAX) of the local flag decides
+    for everyone, and all ranks stop, save and exit at the same iteration.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.received, self.start = cfg, None, time.monotonic()
+        self.active = cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None
+        if cfg.exit_signal_handler:
+            signal.signal(signal.Signals[cfg.exit_signal], self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> Optional[str]:
+        """Collective when active. The reason to stop now, or None."""
+        if not self.active:
+            return None
+        elapsed = (time.monotonic() - self.start) / 60
+        over = self.cfg.exit_duration_in_mins is not None and elapsed >= self.cfg.exit_duration_in_mins
+        flags = torch.tensor([self.received is not None, over], dtype=torch.int32, device=platform.device())
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags[0]:
+            return f"{self.cfg.exit_signal} received"
+        if flags[1]:
+            return f"--exit-duration-in-mins {self.cfg.exit_duration_in_mins} reached"
+        return None
 
 
 def _tokenizer_files(path: str) -> str:
@@ -264,6 +305,7 @@ def train(cfg: TrainConfig) -> dict:
     batches = training_data.step_stream(run, loader)
     bad_in_a_row, result, history = 0, {}, []
     stop = min(run.train_iters, cfg.exit_interval or run.train_iters)
+    requests, stopped = StopRequests(cfg), None
     while run.iteration < stop:
         microbatches = next(batches)
         run.iteration += 1
@@ -290,8 +332,20 @@ def train(cfg: TrainConfig) -> dict:
             result = evaluation.evaluate(run, cfg.valid_data_path, metrics)
         if cfg.save and cfg.save_interval and run.iteration % cfg.save_interval == 0:
             _save(run, loader)
+        if cfg.inject_signal_at == run.iteration and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), signal.Signals[cfg.exit_signal])
+        stopped = requests.agreed()
+        if stopped:
+            metrics.print(f"stopping at iteration {run.iteration} of {run.train_iters}: {stopped}")
+            break
     if cfg.save and not (cfg.save_interval and run.iteration % cfg.save_interval == 0):
         _save(run, loader)
+    if cfg.save and run.iteration == run.train_iters and torch.distributed.get_rank() == 0:
+        open(os.path.join(cfg.save, DONE), "w").close()  # the whole schedule ran: launch scripts stop requeueing
+    if stopped:
+        metrics.close()
+        return {"iteration": run.iteration, "history": history, "skipped_steps": metrics.skipped_total,
+                "stopped": stopped}
     if cfg.valid_data_path and not (cfg.eval_interval and run.iteration % cfg.eval_interval == 0):
         result = evaluation.evaluate(run, cfg.valid_data_path, metrics)
     metrics.close()
