@@ -327,8 +327,8 @@ def save_checkpoint(save_dir: str, model_chunks: Sequence[torch.nn.Module], desc
     if rank0:
         if tokenizer_dir:
             shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, os.path.join(tmp, name))
+        for file_name, source in (extra_files or {}).items():  # `name` is the iteration directory's
+            shutil.copyfile(source, os.path.join(tmp, file_name))
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "model": description.to_dict(),
                 "parallel": _parallel_layout(), "contents": contents, "optimizer_format": optimizer_format,
                 "train_state": train_state or {}, "spec": _spec(model_chunks)}

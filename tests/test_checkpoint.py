@@ -115,3 +115,15 @@ def test_unknown_format_version_is_refused(saved):
 def test_missing_load_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such directory"):
         resolve(str(tmp_path / "nowhere"))
+
+
+def test_carried_files_do_not_change_what_latest_names(single_rank, tmp_path):
+    """A checkpoint that carries files forward (an HF import's unused SigLIP tensors) still names itself in
+    `latest`: the copy loop once reused the iteration directory's variable."""
+    extra = tmp_path / "hf_vision_extra.safetensors"
+    extra.write_bytes(b"tensors")
+    chunks, encoder = build_model(DESCRIPTION, ParallelConfig())
+    saved = save_checkpoint(str(tmp_path / "run"), chunks, DESCRIPTION, iteration=3, encoder=encoder,
+                            extra_files={extra.name: str(extra)})
+    assert open(tmp_path / "run" / "latest").read().strip() == "iter_0000003"
+    assert open(os.path.join(saved, extra.name), "rb").read() == b"tensors"
