@@ -99,7 +99,10 @@ def train(arch: str, stage: str, iters: int, lr: float, out: str, data: str, loa
            "--tensor-model-parallel-size", "2",
            "--data-path", os.path.join(data, "train"), "--valid-data-path", os.path.join(data, "valid"),
            "--tokenizer-model", os.path.join(data, "tokenizer"), "--template", "vicuna_v1", "--system-prompt", "",
-           "--seq-length", "24", "--micro-batch-size", "32", "--train-iters", str(iters), "--lr", str(lr),
+           # Packed, as the launch scripts train: a step's 32 samples (~20 text tokens each) in one row with
+           # each sample's own image; --global-batch-size still counts samples.
+           "--seq-length", "24", "--packing-seq-length", "768", "--packing-max-images", "32",
+           "--micro-batch-size", "1", "--global-batch-size", "32", "--train-iters", str(iters), "--lr", str(lr),
            "--lr-warmup-fraction", "0.03", "--clip-grad", "1.0", "--log-interval", str(max(iters // 4, 1)),
            "--num-workers", str(workers), "--save", save, "--no-progress", "--seed", str(seed)]
     start = time.perf_counter()
