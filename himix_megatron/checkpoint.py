@@ -287,6 +287,37 @@ def _parallel_layout() -> dict:
 # --- save ----------------------------------------------------------------------------------------
 
 
+def _manager_process_setup() -> None:
+    """Runs in megatron-core's results-queue Manager process (spawned, so it inherits no handler)."""
+    import ctypes
+    import signal
+
+    # A preemption signal goes to every process of the job step (SLURM; torchrun signals the workers'
+    # process groups): the rank finishes its step and saves, so this helper must not die of it meanwhile.
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    try:  # ...but it must die with its rank, killed or not, instead of outliving the run (Linux)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def start_checkpoint_helpers() -> None:
+    """dist_checkpointing's writers report through a queue served by a Manager process it spawns on the first
+    save (filesystem_async._get_write_results_queue, megatron-core 0.16.1). Start that Manager here instead,
+    ignoring preemption signals and tied to this process's life. The trainer calls this before its first step,
+    since a signal that lands while the Manager is still starting would kill it; saves call it too."""
+    import multiprocessing.managers
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_manager_process_setup)
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._himix_results_manager = manager  # keeps the Manager alive with the module
+
+
 def save_checkpoint(save_dir: str, model_chunks: Sequence[torch.nn.Module], description: ModelDescription, *,
                     iteration: int = 0, encoder=None, optimizer=None, scheduler=None,
                     train_state: Optional[dict] = None, rank_state: Optional[dict] = None,
@@ -319,6 +350,7 @@ def save_checkpoint(save_dir: str, model_chunks: Sequence[torch.nn.Module], desc
     state["rng"] = _per_rank_object("rng", _rng_state())
     state["rank_state"] = _per_rank_object("rank_state", rank_state)
     contents += ["rng", "rank_state"]
+    start_checkpoint_helpers()
     dist_checkpointing.save(state, tmp)
     torch.distributed.barrier()
 

@@ -35,6 +35,7 @@ from himix_megatron.checkpoint import (
     read_metadata,
     resolve,
     save_checkpoint,
+    start_checkpoint_helpers,
 )
 from himix_megatron.config import ConfigError, ParallelConfig, language_model_preset, vision_model_preset
 from himix_megatron.parallel.pipeline import forward_backward
@@ -305,6 +306,8 @@ def train(cfg: TrainConfig) -> dict:
     batches = training_data.step_stream(run, loader)
     bad_in_a_row, result, history = 0, {}, []
     stop = min(run.train_iters, cfg.exit_interval or run.train_iters)
+    if cfg.save:
+        start_checkpoint_helpers()
     requests, stopped = StopRequests(cfg), None
     while run.iteration < stop:
         microbatches = next(batches)
