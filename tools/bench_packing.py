@@ -68,7 +68,6 @@ a block-diagonal bottom-right mask, forward + backward, on the two fullest rows 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import io
 import json
@@ -92,6 +91,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from himix_megatron.config import LanguageModelConfig, ParallelConfig, VisionModelConfig  # noqa: E402
 from himix_megatron.training.config import default_max_images  # noqa: E402
+from bench import keep_freed_memory  # noqa: E402  (tools/bench.py, beside this file)
 
 ARCHS = ("himix", "vanilla")
 MODES = ("pad", "dyn", "pack")
@@ -295,16 +295,6 @@ def cap_table(lengths, has_image, args, vision_tokens: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- model
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve every allocation from the heap and never trim it (tools/bench.py explains why)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def models(args):
