@@ -127,3 +127,8 @@ def test_fp8_needs_vision_rows_in_multiples_of_8(shards):
         check_fp8_vision(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--packing-seq-length", "64",
                                           "--seq-length", "32")), "himix", 63)
     check_fp8_vision(parse_args(_args(shards, "--micro-batch-size", "3")), "himix", 63)  # bf16: no constraint
+    sp = parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--sequence-parallel",
+                          "--tensor-model-parallel-size", "2"))
+    with pytest.raises(ConfigError, match="vanilla's sequence holds N = 728 image tokens, split over TP 2"):
+        check_fp8_vision(sp, "vanilla", 728)  # 728 / 2 = 364 rows per rank
+    check_fp8_vision(sp, "himix", 728)  # HiMix's image never enters the sequence

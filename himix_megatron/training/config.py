@@ -263,7 +263,14 @@ def check_packing(cfg: TrainConfig, dp: int) -> None:
 def check_fp8_vision(cfg: TrainConfig, arch: str, vision_tokens: int) -> None:
     """FP8 GEMMs need their rows in multiples of 8. HiMix's vision K/V projections run over N x images rows
     (images: the micro-batch, or a packed row's, any number); vanilla's sequence holds N image tokens."""
-    if cfg.fp8_format is None or vision_tokens % 8 == 0:
+    if cfg.fp8_format is None:
+        return
+    split = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
+    if arch == "vanilla" and split > 1 and vision_tokens % (8 * split):
+        raise ConfigError(f"--fp8-format with --sequence-parallel: vanilla's sequence holds N = {vision_tokens} image "
+                          f"tokens, split over TP {split}; FP8 GEMMs need each rank's rows in multiples of 8, so N "
+                          f"must be a multiple of {8 * split}")
+    if vision_tokens % 8 == 0:
         return
     if arch == "vanilla" or cfg.packing_seq_length is not None or vision_tokens * cfg.micro_batch_size % 8:
         raise ConfigError(
