@@ -115,6 +115,7 @@ def initialize(
 
     cpu_compat.install()
     optim_compat.install_distrib_optimizer_fixes()
+    tie_children_to_this_process()
     launch = launch or discover_launch()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if launch.world_size % model_parallel:
@@ -143,6 +144,36 @@ def initialize(
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return launch
+
+
+_fork_parent: Optional[int] = None
+_tied = False
+
+
+def _remember_parent() -> None:
+    global _fork_parent
+    _fork_parent = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """Forked children of a rank (dist_checkpointing's writers, fork-started loader workers) get SIGKILL when
+    their parent dies (Linux PR_SET_PDEATHSIG), so a killed rank leaves no orphan blocked on a dead queue."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != _fork_parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def tie_children_to_this_process() -> None:
+    global _tied
+    if not _tied and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_remember_parent, after_in_child=_die_with_parent)
+        _tied = True
 
 
 def device() -> torch.device:

@@ -88,6 +88,15 @@ def group_alive(pgid: int) -> list[int]:
     return alive
 
 
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def _workers(pid: int) -> list:
     import psutil
 
@@ -106,9 +115,19 @@ def run_faulted(cmd: list[str], log: str, fault: str, after: int, delay: float) 
     next step or the save after it) and apply the fault. (log text, leftover processes, what was done)."""
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        seen = {}  # every descendant of the run: what must be gone once it has ended
+
+        def watch():
+            for child in _descendants(proc.pid):
+                seen.setdefault(child.pid, child)
+
         while proc.poll() is None and max(losses(open(log, encoding="utf-8").read()), default=0) < after:
+            watch()
             time.sleep(0.02)
-        time.sleep(delay)
+        end = time.monotonic() + delay
+        while time.monotonic() < end and proc.poll() is None:
+            watch()
+            time.sleep(0.02)
         did = "run ended before the fault"
         if proc.poll() is None:
             if fault == "SIGKILL":
@@ -119,14 +138,18 @@ def run_faulted(cmd: list[str], log: str, fault: str, after: int, delay: float) 
             else:
                 proc.send_signal(signal.SIGTERM)
                 did = f"SIGTERM torchrun {delay:.2f} s after step {after}"
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            watch()
+            time.sleep(0.05)
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
             did += "; the run hung after the fault and was killed"
-    time.sleep(1.0)  # let exiting children go
-    leftover = group_alive(proc.pid)
+    time.sleep(2.0)  # let exiting children go
+    alive = {p.pid: p for p in seen.values() if p.is_running() and p.status() != "zombie"}
+    alive.update({pid: None for pid in group_alive(proc.pid)})
+    leftover = sorted(alive)
     for pid in leftover:
         try:
             os.kill(pid, signal.SIGKILL)
