@@ -170,20 +170,18 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def pack_row(samples: Sequence[Sample], collate_cfg: CollateConfig, vision_tokens: int,
-             width: Optional[int] = None, row_multiple: int = ROW_MULTIPLE) -> dict:
+             row_multiple: int = ROW_MULTIPLE) -> dict:
     """One packed row, as a micro-batch dict like `collate`'s with batch 1, plus `segments`; `lengths` holds
     each sample's text tokens.
 
-    The row is padded to `width` (default: its length rounded up to `row_multiple`) by a last, imageless
-    segment of pad tokens that carries no loss: it attends only to itself, so it needs no special case in
-    any attention backend (FlashAttention takes no padding between segments).
+    The row is padded to a multiple of `row_multiple` by a last, imageless segment of pad tokens that carries
+    no loss: it attends only to itself, so it needs no special case in any attention backend (FlashAttention
+    takes no padding between segments). Pipeline stages pad further with `extend_segments`.
     """
     parts = [collate([s], replace(collate_cfg, pad_to="longest", pad_multiple=1)) for s in samples]
     lengths = [int(p["lengths"][0]) for p in parts]
     real = sum(lengths)
-    width = _round_up(real, row_multiple) if width is None else width
-    if width < real:
-        raise ValueError(f"packed row of {real} tokens does not fit width {width}")
+    width = _round_up(real, row_multiple)
     flags = [bool(p["has_image"][0]) for p in parts]
     seg_lengths, seg_images = list(lengths), list(flags)
     if width > real:
