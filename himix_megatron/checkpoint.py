@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -322,14 +322,22 @@ def save_checkpoint(save_dir: str, model_chunks: Sequence[torch.nn.Module], desc
                     iteration: int = 0, encoder=None, optimizer=None, scheduler=None,
                     train_state: Optional[dict] = None, rank_state: Optional[dict] = None,
                     tokenizer_dir: Optional[str] = None, extra_files: Optional[dict[str, str]] = None,
-                    optimizer_format: str = "dp_reshardable") -> str:
+                    optimizer_format: str = "dp_reshardable", async_saves=None,
+                    on_complete: Optional[Callable[[str], None]] = None) -> str:
     """Collective over all ranks. `train_state`: JSON-able, the same on every rank (iteration counters);
     `rank_state`: this rank's own picklable state (the data loader's position); `extra_files`: name ->
-    path, copied in by rank 0 (see CARRIED_FILES). Returns the iteration dir."""
+    path, copied in by rank 0 (see CARRIED_FILES). Returns the iteration dir.
+
+    async_saves (an async_save.AsyncSaves): return once the shards are planned and handed to a background
+    writer; the checkpoint becomes complete (renamed, `latest` moved) when `async_saves` finalizes it.
+    on_complete(iteration dir): called on every rank once the checkpoint is complete.
+    """
     from megatron.core import dist_checkpointing
 
     if optimizer_format not in OPTIMIZER_FORMATS:
         raise CheckpointError(f"optimizer_format {optimizer_format!r}: choose one of {OPTIMIZER_FORMATS}")
+    if async_saves is not None:
+        async_saves.finish()  # the previous save first: its `.tmp-` directory must not be taken for debris
     rank0 = torch.distributed.get_rank() == 0
     name = iteration_dir_name(iteration)
     final, tmp = os.path.join(save_dir, name), os.path.join(save_dir, f".tmp-{name}")
@@ -350,34 +358,50 @@ def save_checkpoint(save_dir: str, model_chunks: Sequence[torch.nn.Module], desc
     state["rng"] = _per_rank_object("rng", _rng_state())
     state["rank_state"] = _per_rank_object("rank_state", rank_state)
     contents += ["rng", "rank_state"]
-    start_checkpoint_helpers()
-    dist_checkpointing.save(state, tmp)
-    torch.distributed.barrier()
-
     if description.padded_vocab_size is None:
         description = dataclasses.replace(description, padded_vocab_size=_unwrap(model_chunks[0]).vocab_size)
-    if rank0:
-        if tokenizer_dir:
-            shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
-        for file_name, source in (extra_files or {}).items():  # `name` is the iteration directory's
-            shutil.copyfile(source, os.path.join(tmp, file_name))
-        meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "model": description.to_dict(),
-                "parallel": _parallel_layout(), "contents": contents, "optimizer_format": optimizer_format,
-                "train_state": train_state or {}, "spec": _spec(model_chunks)}
-        with open(os.path.join(tmp, DESCRIPTION), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-        files = {os.path.relpath(os.path.join(root, f), tmp): os.path.getsize(os.path.join(root, f))
-                 for root, _, names in os.walk(tmp) for f in names}
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"files": files}, f, indent=1)
-        if os.path.exists(final):  # saving the same iteration again (e.g. after a restart)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        with open(os.path.join(save_dir, f".{LATEST}.tmp"), "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(save_dir, f".{LATEST}.tmp"), os.path.join(save_dir, LATEST))
-    torch.distributed.barrier()
+    meta = {"format_version": FORMAT_VERSION, "iteration": iteration, "model": description.to_dict(),
+            "parallel": _parallel_layout(), "contents": contents, "optimizer_format": optimizer_format,
+            "train_state": train_state or {}, "spec": _spec(model_chunks)}
+
+    def finish() -> None:  # once every rank's shards are written
+        torch.distributed.barrier()
+        if rank0:
+            _complete(save_dir, tmp, final, meta, tokenizer_dir, extra_files)
+        torch.distributed.barrier()
+        if on_complete is not None:
+            on_complete(final)
+
+    start_checkpoint_helpers()
+    if async_saves is None:
+        dist_checkpointing.save(state, tmp)
+        finish()
+    else:
+        request = dist_checkpointing.save(state, tmp, async_sharded_save=True)
+        request.add_finalize_fn(finish)
+        async_saves.schedule(request, final, discard=lambda: rank0 and shutil.rmtree(tmp, ignore_errors=True))
     return final
+
+
+def _complete(save_dir: str, tmp: str, final: str, meta: dict, tokenizer_dir: Optional[str],
+              extra_files: Optional[dict[str, str]]) -> None:
+    """Rank 0, once every shard is written: the small files, the manifest, then the renames."""
+    if tokenizer_dir:
+        shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+    for file_name, source in (extra_files or {}).items():
+        shutil.copyfile(source, os.path.join(tmp, file_name))
+    with open(os.path.join(tmp, DESCRIPTION), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    files = {os.path.relpath(os.path.join(root, f), tmp): os.path.getsize(os.path.join(root, f))
+             for root, _, names in os.walk(tmp) for f in names}
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1)
+    if os.path.exists(final):  # saving the same iteration again (e.g. after a restart)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    with open(os.path.join(save_dir, f".{LATEST}.tmp"), "w", encoding="utf-8") as f:
+        f.write(os.path.basename(final) + "\n")
+    os.replace(os.path.join(save_dir, f".{LATEST}.tmp"), os.path.join(save_dir, LATEST))
 
 
 # --- load ----------------------------------------------------------------------------------------

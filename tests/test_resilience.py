@@ -59,6 +59,7 @@ def test_a_failed_deletion_is_logged_not_fatal(tmp_path, monkeypatch, caplog):
      "--save-retain-interval 25 is not a multiple of --save-interval 10"),
     (["--save-retain-interval", "20"], "--save-retain-interval needs --save and --save-interval"),
     (["--save-keep-last", "0", "--save", "s"], "--save-keep-last needs --save and a count >= 1"),
+    (["--async-save"], "--async-save needs --save"),
 ])
 def test_stopping_and_retention_flags_are_checked(extra, message):
     cfg = parse_args(["--train-iters", "1", *extra])

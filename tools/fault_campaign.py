@@ -1,6 +1,7 @@
 """Fault campaign: kill a small TP=2 training run at random moments and check that every resume is exact.
 
-    python tools/fault_campaign.py [--trials 20] [--sigterm-every 4] [--iters 8] [--seed 0] [--workdir DIR]
+    python tools/fault_campaign.py [--trials 20] [--sigterm-every 4] [--async-every 2] [--iters 8] [--seed 0]
+                                   [--workdir DIR]
 
 One uninterrupted reference run first: `himix-train` under torchrun, TP=2, the distributed optimizer, a
 checkpoint after every step, tiny model on synthetic data. Then each trial starts the same run afresh and
@@ -9,6 +10,8 @@ checkpoint after every step, tiny model on synthetic data. Then each trial start
     resume with `--load` and run to the end;
   - SIGTERM trials (every --sigterm-every-th): SIGTERM the torchrun agent (as SLURM or a preemption would)
     under `--exit-signal-handler`: every rank finishes its step, saves and exits 0; then resume.
+Every --async-every-th trial (counting from the first) saves with `--async-save`: the save of a step is then
+written while the next step runs, so a kill in a step often lands in a background write.
 A trial counts as an exact resume when the resumed run loads a complete checkpoint and its losses equal the
 reference's for every iteration after it (|diff| <= 1e-6, as tests/test_training.py asks of a resume).
 It prints, per trial and in total: exact resumes, failed loads, iterations lost (the steps logged before the
@@ -45,6 +48,7 @@ class Trial:
     exact: bool
     leftover: int  # processes of the faulted run alive after it ended
     note: str = ""
+    background: bool = False  # --async-save
 
     @property
     def lost(self) -> int | None:
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--sigterm-every", type=int, default=4, help="every N-th trial is a SIGTERM trial")
+    p.add_argument("--async-every", type=int, default=2, help="every N-th trial, from the first, uses --async-save")
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir")
@@ -189,7 +194,9 @@ def main(argv=None) -> int:
         fault = "SIGTERM" if args.sigterm_every and n % args.sigterm_every == 0 else "SIGKILL"
         save = os.path.join(workdir, f"trial{n}")
         shutil.rmtree(save, ignore_errors=True)
-        extra = ("--exit-signal-handler",) if fault == "SIGTERM" else ()
+        background = bool(args.async_every) and (n - 1) % args.async_every == 0
+        saving = ("--async-save",) if background else ()
+        extra = (("--exit-signal-handler",) if fault == "SIGTERM" else ()) + saving
         # After a random step, and a random part of a step's time later: inside the next step, or inside the
         # save that follows every step.
         after, delay = random.randint(1, args.iters - 1), random.uniform(0.0, step_seconds)
@@ -198,20 +205,21 @@ def main(argv=None) -> int:
         before = max(losses(text), default=0)
         resumed_log = save + "-resume.log"
         with open(resumed_log, "w", encoding="utf-8") as out:
-            resumed = subprocess.run(command(train, tok, save, args.iters, "--load", save), stdout=out,
+            resumed = subprocess.run(command(train, tok, save, args.iters, "--load", save, *saving), stdout=out,
                                      stderr=subprocess.STDOUT, cwd=REPO)
         rtext = open(resumed_log, encoding="utf-8").read()
         loaded = next((m for m in map(LOADED.match, rtext.splitlines()) if m), None)
         if resumed.returncode != 0:
-            trials.append(Trial(n, did, before, None, False, leftover, f"resume exited {resumed.returncode}"))
+            trials.append(Trial(n, did, before, None, False, leftover, f"resume exited {resumed.returncode}",
+                                background))
         else:
             got = losses(rtext)
             start_at = int(loaded[2]) if loaded else 0
             exact = sorted(got) == list(range(start_at + 1, args.iters + 1)) and all(
                 abs(got[i] - reference[i]) <= 1e-6 for i in got)
-            trials.append(Trial(n, did, before, start_at, exact, leftover))
+            trials.append(Trial(n, did, before, start_at, exact, leftover, background=background))
         t = trials[-1]
-        print(f"trial {n:2d}: {t.fault:<40} logged {t.logged_before}, resumed from {t.resumed_from}, "
+        print(f"trial {n:2d}: {t.fault + (' (async)' if background else ''):<48} logged {t.logged_before}, resumed from {t.resumed_from}, "
               f"{'exact' if t.exact else 'NOT EXACT'}, lost {t.lost}, leftover processes {t.leftover}"
               + (f" ({t.note})" if t.note else ""), flush=True)
 
@@ -220,7 +228,7 @@ def main(argv=None) -> int:
     failed_loads = sum(t.resumed_from is None for t in trials)
     lost = [t.lost for t in trials if t.lost is not None]
     sigterm_lost = sum(t.lost or 0 for t in sigterm)
-    print(f"{len(trials)} trials ({len(sigterm)} SIGTERM): {exact} exact resumes, {failed_loads} failed loads, "
+    print(f"{len(trials)} trials ({len(sigterm)} SIGTERM, {sum(t.background for t in trials)} with --async-save): {exact} exact resumes, {failed_loads} failed loads, "
           f"iterations lost {sum(lost)} in all (at most {max(lost, default=0)} in a trial; {sigterm_lost} in "
           f"SIGTERM trials), leftover processes {sum(t.leftover for t in trials)} "
           f"in {time.monotonic() - start:.0f} s")

@@ -94,6 +94,9 @@ class TrainConfig:
         "help": "keep only the checkpoints at multiples of this many iterations, plus the newest (and "
                 "--save-keep-last); a multiple of --save-interval"})
     save_keep_last: Optional[int] = field(default=None, metadata={"help": "keep the newest K checkpoints"})
+    async_save: bool = field(default=False, metadata={
+        "help": "write checkpoint shards in a background process while training continues; the checkpoint "
+                "becomes the latest once every rank's write has finished"})
     # --- stopping early (Megatron-LM's names): finish the step, agree across ranks, save, exit 0
     exit_signal_handler: bool = field(default=False, metadata={
         "help": "on --exit-signal (preemption, scancel, SLURM's --signal warning) finish the current step, "
@@ -233,6 +236,8 @@ def check_stopping_and_retention(cfg: TrainConfig) -> None:
                               f"--save-interval {cfg.save_interval}: no checkpoint would be saved at its multiples")
     if cfg.save_keep_last is not None and (cfg.save is None or cfg.save_keep_last < 1):
         raise ConfigError("--save-keep-last needs --save and a count >= 1")
+    if cfg.async_save and cfg.save is None:
+        raise ConfigError("--async-save needs --save: there is nothing to write in the background")
 
 
 def check_packing(cfg: TrainConfig, dp: int) -> None:

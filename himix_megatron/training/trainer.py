@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from himix_megatron import platform
+from himix_megatron.async_save import AsyncSaves
 from himix_megatron.checkpoint import (
     DESCRIPTION,
     LATEST,
@@ -177,23 +178,34 @@ def _load(run: Run, checkpoint: str) -> None:
         print(f"loaded {result['dir']} ({', '.join(result['loaded'])}): {what}", flush=True)
 
 
-def _save(run: Run, loader) -> None:
+def _save(run: Run, loader, async_saves=None) -> None:
+    """Save now (synchronously), or hand the save to `async_saves`; rank 0 reports once it is complete."""
     cfg = run.cfg
-    saved = save_checkpoint(
-        cfg.save, run.chunks, run.description, iteration=run.iteration, encoder=run.encoder,
+    iteration, start, blocked = run.iteration, time.monotonic(), {}
+
+    def complete(saved: str) -> None:
+        if torch.distributed.get_rank() != 0:
+            return
+        took = time.monotonic() - start
+        how = (f"written in the background in {took:.2f} s; training blocked {blocked['s']:.2f} s" if blocked
+               else f"training blocked {took:.2f} s")
+        print(f"saved checkpoint at iteration {iteration} to {cfg.save} ({how})", flush=True)
+        # Only once the new checkpoint is complete (renamed, `latest` moved).
+        deleted = prune_checkpoints(cfg.save, retain_interval=cfg.save_retain_interval, keep_last=cfg.save_keep_last)
+        if deleted:
+            print(f"retention: deleted {', '.join(deleted)} (kept {os.path.basename(saved)})", flush=True)
+
+    save_checkpoint(
+        cfg.save, run.chunks, run.description, iteration=iteration, encoder=run.encoder,
         optimizer=run.optimizer, scheduler=run.scheduler,
         train_state={"stage": cfg.stage, "consumed_samples": run.consumed_samples,
                      "train_iters": run.train_iters, "template": run.template},
         rank_state={"loader": loader.state_dict()}, tokenizer_dir=_tokenizer_files(run.tokenizer_dir),
-        extra_files=run.carried_files,
-        optimizer_format=cfg.ckpt_optimizer_format,
+        extra_files=run.carried_files, optimizer_format=cfg.ckpt_optimizer_format,
+        async_saves=async_saves, on_complete=complete,
     )
-    if torch.distributed.get_rank() == 0:
-        print(f"saved checkpoint at iteration {run.iteration} to {cfg.save}", flush=True)
-        # Only once the new checkpoint is complete (save_checkpoint renamed it and moved `latest`).
-        deleted = prune_checkpoints(cfg.save, retain_interval=cfg.save_retain_interval, keep_last=cfg.save_keep_last)
-        if deleted:
-            print(f"retention: deleted {', '.join(deleted)} (kept {os.path.basename(saved)})", flush=True)
+    if async_saves is not None:
+        blocked["s"] = time.monotonic() - start
 
 
 class StopRequests:
@@ -308,6 +320,7 @@ def train(cfg: TrainConfig) -> dict:
     stop = min(run.train_iters, cfg.exit_interval or run.train_iters)
     if cfg.save:
         start_checkpoint_helpers()
+    async_saves = AsyncSaves() if cfg.async_save else None
     requests, stopped = StopRequests(cfg), None
     while run.iteration < stop:
         microbatches = next(batches)
@@ -316,6 +329,8 @@ def train(cfg: TrainConfig) -> dict:
         run.consumed_samples += run.global_batch_size
         loss = reduced["loss_sum"] / max(reduced["label_tokens"], 1)
         bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        if async_saves is not None:
+            async_saves.finish(blocking=False)  # completes the save in flight once every rank's writer is done
         history.append({"iteration": run.iteration, "loss": loss, "grad_norm": grad_norm, "skipped": skipped})
         if skipped:
             metrics.print(f"iteration {run.iteration}: loss {loss} / grad norm {grad_norm} is not finite; "
@@ -327,14 +342,16 @@ def train(cfg: TrainConfig) -> dict:
                      lr=run.optimizer.param_groups[0]["lr"], data_skipped=loader.stats()["skipped"])
         if bad_in_a_row >= cfg.max_bad_steps:
             if cfg.save:
-                _save(run, loader)
+                _save(run, loader, async_saves)
+                if async_saves is not None:
+                    async_saves.close()
             metrics.close()
             raise TrainingAborted(f"{bad_in_a_row} consecutive steps with a NaN/Inf loss or gradient norm "
                                   f"(iteration {run.iteration})" + (f"; checkpoint saved to {cfg.save}" if cfg.save else ""))
         if cfg.eval_interval and run.iteration % cfg.eval_interval == 0:
             result = evaluation.evaluate(run, cfg.valid_data_path, metrics)
         if cfg.save and cfg.save_interval and run.iteration % cfg.save_interval == 0:
-            _save(run, loader)
+            _save(run, loader, async_saves)
         if cfg.inject_signal_at == run.iteration and torch.distributed.get_rank() == 0:
             os.kill(os.getpid(), signal.Signals[cfg.exit_signal])
         stopped = requests.agreed()
@@ -342,7 +359,9 @@ def train(cfg: TrainConfig) -> dict:
             metrics.print(f"stopping at iteration {run.iteration} of {run.train_iters}: {stopped}")
             break
     if cfg.save and not (cfg.save_interval and run.iteration % cfg.save_interval == 0):
-        _save(run, loader)
+        _save(run, loader, async_saves)
+    if async_saves is not None:
+        async_saves.close()  # the last checkpoint complete before DONE, the evaluation and the exit
     if cfg.save and run.iteration == run.train_iters and torch.distributed.get_rank() == 0:
         open(os.path.join(cfg.save, DONE), "w").close()  # the whole schedule ran: launch scripts stop requeueing
     if stopped:
