@@ -1,0 +1,149 @@
+"""himix-eval's generation: a megatron checkpoint exported and answered greedily with the KV cache; batched
+(left-padded) answers equal one-at-a-time answers and a cache-free greedy loop; ranks split the questions;
+a rerun skips what is answered; bad question files are refused by file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from himix_megatron.checkpoint import ModelDescription, build_model, save_checkpoint
+from himix_megatron.config import ParallelConfig
+from himix_megatron.eval import generate
+from himix_megatron.eval.prompts import EvalError, read_questions
+from model_utils import TINY_LM, TINY_VISION
+
+
+def _randomize(chunks, encoder, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in chunks + [encoder]:
+            for name, p in module.named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.5 * noise)
+
+
+def _checkpoint(root, arch, tok):
+    chunks, encoder = build_model(ModelDescription(arch, TINY_LM, TINY_VISION, "vicuna_v1"), ParallelConfig())
+    _randomize(chunks, encoder)
+    path = str(root / f"{arch}-ckpt")
+    save_checkpoint(path, chunks, ModelDescription(arch, TINY_LM, TINY_VISION, "vicuna_v1"), iteration=5,
+                    encoder=encoder, tokenizer_dir=tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """HF exports of a random tiny HiMix and vanilla checkpoint, through himix-eval's own export route."""
+    from himix_megatron import platform
+    from himix_megatron.data.synthetic import write_word_tokenizer
+
+    root = tmp_path_factory.mktemp("eval")
+    tok = str(root / "tok")
+    write_word_tokenizer(tok)
+    platform.initialize(ParallelConfig())
+    try:
+        ckpts = {arch: _checkpoint(root, arch, tok) for arch in ("himix", "vanilla")}
+    finally:
+        platform.shutdown()
+    return {arch: generate.hf_directory(path, str(root / "out"), log=lambda _: None) for arch, path in ckpts.items()}
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("questions")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    lines = []
+    words = ["what colour is the square", "how many circles", "is there a red circle", "what shape is it",
+             "what colour is the circle on the left of the square"]
+    for i, text in enumerate(words):
+        name = f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(root / "images" / name)
+        lines.append({"question_id": i, "image": name, "text": text, "category": "demo"})
+    lines.append({"question_id": "t0", "text": "what colour is the square"})  # text-only
+    path = root / "q.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(path), str(root / "images")
+
+
+def _greedy_without_cache(m, question, folder, steps):
+    ids = torch.tensor([generate._ids(m, question)])
+    pixels = None
+    if question.image is not None:
+        from himix_megatron.eval.prompts import load_image
+
+        pixels = torch.from_numpy(load_image(question, folder, m.image))[None]
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = m.model(input_ids=ids, pixel_values=pixels, use_cache=False).logits[0, -1]
+        if hasattr(m.model.generation_config, "suppress_tokens") and m.model.generation_config.suppress_tokens:
+            logits[m.model.generation_config.suppress_tokens] = -float("inf")
+        token = int(logits.argmax())
+        if token in m.stop_ids:
+            break
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return m.tokenizer.decode(out).strip()
+
+
+@pytest.mark.parametrize("arch", ["himix", "vanilla"])
+def test_batched_cached_answers_equal_single_and_cache_free_greedy(exported, questions, arch):
+    path, folder = questions
+    m = generate.load_model(exported[arch], template="vicuna_v1" if arch == "vanilla" else None, system_prompt="", log=lambda _: None)
+    assert m.template.name == "vicuna_v1"  # recorded by the checkpoint, carried by the export
+    qs = [q for q in read_questions(path) if q.image is not None]
+    batched = generate.answer_batch(m, qs, folder, max_new_tokens=6)
+    single = [generate.answer_batch(m, [q], folder, max_new_tokens=6)[0] for q in qs]
+    assert batched == single
+    assert single == [_greedy_without_cache(m, q, folder, 6) for q in qs]
+    assert any(single)  # a random model still says something
+
+
+def test_ranks_split_the_questions_and_a_rerun_skips_answered_ones(exported, questions, tmp_path):
+    path, folder = questions
+    m = generate.load_model(exported["himix"], template=None, system_prompt="", log=lambda _: None)
+    qs = read_questions(path)
+    common = dict(image_folder=folder, output_dir=str(tmp_path), benchmark="demo", model_id="tiny", batch_size=4,
+                  max_new_tokens=4, progress=False)
+    before = generate.answered(str(tmp_path), "demo")  # what every rank reads before any of them writes
+    assert generate.answer_all(m, qs, rank=0, world=2, done=before, **common) == 3
+    part = tmp_path / "demo_answers.rank0.jsonl"
+    with open(part, "a") as f:
+        f.write('{"question_id": 99, "te')  # a kill in the middle of writing a line
+    assert generate.answer_all(m, qs, rank=1, world=2, done=before, **common) == 3  # the other half
+    assert generate.answer_all(m, qs, rank=0, world=1, **common) == 0  # a rerun: everything is answered
+    merged, total = generate.merge_answers(str(tmp_path), "demo", qs)
+    assert total == len(qs) and not list(tmp_path.glob("*.rank*.jsonl"))
+    records = [json.loads(line) for line in open(merged)]
+    assert [r["question_id"] for r in records] == [q.question_id for q in qs]  # the question file's order
+    assert records[0]["category"] == "demo" and records[0]["model_id"] == "tiny"
+    # the same answers as a single batched pass
+    expected = generate.answer_batch(m, [q for q in qs if q.image is not None], folder, 4)
+    assert [r["text"] for r in records[:-1]] == expected
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "b"}\n', r"q.jsonl:2: question_id 1 appears twice"),
+    ('{"question_id": 1}\n', r"q.jsonl:1: no 'text' field"),
+    ('not json\n', r"q.jsonl:1: not valid JSON"),
+    ('', r"holds no questions"),
+])
+def test_bad_question_files_are_refused_by_line(tmp_path, content, message):
+    (tmp_path / "q.jsonl").write_text(content)
+    with pytest.raises(EvalError, match=message):
+        read_questions(str(tmp_path / "q.jsonl"))
+
+
+def test_a_missing_image_is_named(exported, tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"question_id": 7, "image": "nope.png", "text": "what"}\n')
+    m = generate.load_model(exported["himix"], template=None, system_prompt="", log=lambda _: None)
+    with pytest.raises(EvalError, match=r"question 7: cannot read its image .*nope.png"):
+        generate.answer_batch(m, read_questions(str(tmp_path / "q.jsonl")), str(tmp_path), 2)
+    assert os.path.isdir(exported["himix"])
