@@ -126,6 +126,26 @@ def decoder_cost(
     )
 
 
+def fastv_cost(lm: LanguageModelConfig, vision_tokens: int, text_tokens: int, k: int, r: float) -> DecoderCost:
+    """Vanilla with FastV: layers 0..K-1 see all N image tokens, layers K.. only round(N * (1 - R)) of them.
+
+    The LM head runs at every position that reaches the last layer (N' + M), the rule that reproduces the
+    paper's Table 9 (Llama-3.2-1B at 728:64, all eight FastV cells within 0.4%; tests/test_flops.py). The
+    ranking itself (the last query's attention over the image tokens) is not a matmul and counts as zero.
+    """
+    _check("vanilla", vision_tokens, text_tokens)
+    if not 0 <= k <= lm.num_layers:
+        raise ConfigError(f"fastv_k={k} must be between 0 and the {lm.num_layers} layers of {lm.name}")
+    if not 0.0 <= r <= 1.0:
+        raise ConfigError(f"fastv_r={r} must be a fraction between 0 and 1")
+    kept = round(vision_tokens * (1 - r)) if k < lm.num_layers else vision_tokens  # K = L: nothing is pruned
+    full, pruned = (_layer(lm, "vanilla", n, text_tokens, 0) for n in (vision_tokens, kept))
+    attn = sum(count * (t.qkv + t.out + t.scores + t.mix) for count, t in ((k, full), (lm.num_layers - k, pruned)))
+    ffn = k * full.mlp + (lm.num_layers - k) * pruned.mlp
+    return DecoderCost(params=_lm_params(lm), flops=attn + ffn + _head_flops(lm, "vanilla", kept, text_tokens),
+                       attn_flops=attn, ffn_flops=ffn)
+
+
 def training_flops(
     lm: LanguageModelConfig,
     arch: str,
@@ -185,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Language-decoder parameters and forward FLOPs of one sample, as the HiMix paper counts them.",
     )
     parser.add_argument("--model", required=True, help="language model preset, e.g. llama3.2-1b")
-    parser.add_argument("--arch", default="himix", choices=ARCHS)
+    parser.add_argument("--arch", default="himix", choices=ARCHS + ("fastv",),
+                        help="fastv: vanilla pruned by FastV at inference (--fastv-k, --fastv-r)")
+    parser.add_argument("--fastv-k", type=int, default=2, help="FastV: the layer from which image tokens are pruned")
+    parser.add_argument("--fastv-r", type=float, default=0.5, help="FastV: the fraction of image tokens pruned")
     parser.add_argument("--vision-model", default="siglip-so400m-384", help="supplies the vision width d_v")
     parser.add_argument(
         "--vision-tokens", type=int, default=None, help="N (default: the vision model's feature count, 728)"
@@ -208,13 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.text_tokens < 0:
         parser.error(f"--text-tokens must be >= 0, got {args.text_tokens}")
 
-    cost = decoder_cost(lm, args.arch, n, args.text_tokens, vision.hidden_size)
+    try:
+        cost = (fastv_cost(lm, n, args.text_tokens, args.fastv_k, args.fastv_r) if args.arch == "fastv" else
+                decoder_cost(lm, args.arch, n, args.text_tokens, vision.hidden_size))
+    except ConfigError as e:
+        parser.error(str(e))
     if args.json:
         keys = ("params", "flops", "attn_flops", "ffn_flops")
         print(json.dumps({k: getattr(cost, k) for k in keys}))
         return 0
     g = 1e9
-    print(f"{lm.name} ({args.arch}), {n} vision + {args.text_tokens} text tokens, d_v={vision.hidden_size}")
+    arch = f"fastv K={args.fastv_k} R={args.fastv_r:g}" if args.arch == "fastv" else args.arch
+    print(f"{lm.name} ({arch}), {n} vision + {args.text_tokens} text tokens, d_v={vision.hidden_size}")
     print(f"  decoder params   {cost.params / g:10.3f} B")
     print(f"  forward GFLOPs   {cost.flops / g:10.1f}")
     print(f"    attention      {cost.attn_flops / g:10.1f}")

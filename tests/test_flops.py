@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from himix_megatron.config import ARCHS, LanguageModelConfig, language_model_preset
-from himix_megatron.flops import decoder_cost, main, training_flops
+from himix_megatron.config import ARCHS, ConfigError, LanguageModelConfig, language_model_preset
+from himix_megatron.flops import decoder_cost, fastv_cost, main, training_flops
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 0.04
@@ -232,3 +232,33 @@ def test_cli_summary(capsys):
     assert main(["--model", "qwen2-0.5b", "--arch", "hierarchical"]) == 0
     out = capsys.readouterr().out
     assert "728 vision + 64 text" in out and "GFLOPs" in out and "connector" in out
+
+
+# --- FastV (issue 14): Table 9, Llama-3.2-1B at 728:64 ------------------------------------------------------
+TABLE9_FASTV = {(2, 0.9): 510, (2, 0.75): 758, (2, 0.5): 1180, (3, 0.9): 595, (3, 0.75): 829, (3, 0.5): 1230,
+                (5, 0.9): 765, (5, 0.5): 1320}
+
+
+@pytest.mark.parametrize("k,r", sorted(TABLE9_FASTV))
+def test_table9_fastv(k, r):
+    cost = fastv_cost(language_model_preset("llama3.2-1b"), 728, 64, k, r)
+    assert cost.flops / 1e9 == pytest.approx(TABLE9_FASTV[k, r], rel=0.01)
+
+
+def test_fastv_by_hand():
+    lm = _hand_lm(layers=2)
+    # R=0 prunes nothing: vanilla exactly. K=L keeps every token in every layer: vanilla too.
+    for k, r in ((1, 0.0), (lm.num_layers, 0.7)):
+        assert fastv_cost(lm, 3, 2, k, r).flops == decoder_cost(lm, "vanilla", 3, 2, vision_hidden_size=4).flops
+    # K=0, R=2/3: every layer sees round(3 * 1/3) = 1 image token, the head runs at 1 + 2 positions.
+    assert fastv_cost(lm, 3, 2, 0, 2 / 3).flops == decoder_cost(lm, "vanilla", 1, 2, vision_hidden_size=4).flops
+    with pytest.raises(ConfigError, match="fastv_k=9"):
+        fastv_cost(lm, 3, 2, 9, 0.5)
+    with pytest.raises(ConfigError, match="fastv_r=1.5"):
+        fastv_cost(lm, 3, 2, 1, 1.5)
+
+
+def test_cli_fastv(capsys):
+    assert main(["--model", "llama3.2-1b", "--arch", "fastv", "--fastv-k", "3", "--fastv-r", "0.75", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops"] == fastv_cost(language_model_preset("llama3.2-1b"), 728, 64,
+                                                                       3, 0.75).flops
