@@ -40,5 +40,6 @@ setup(
         # (transformer-engine fails to build there, and its core wheel alone breaks megatron imports).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
-    entry_points={"console_scripts": ["himix-train = himix_megatron.train:main"]},
+    entry_points={"console_scripts": ["himix-train = himix_megatron.train:main",
+                                    "himix-eval = himix_megatron.eval.cli:main"]},
 )

@@ -10,7 +10,7 @@ token. Prompts of a batch are left-padded; questions are sorted by prompt length
 
 Resuming: each rank appends every answer to `<benchmark>_answers.rank<r>.jsonl` as soon as its batch is
 decoded, and flushes it; a rerun (at any world size) reads every part and the merged file, and skips the
-question ids already answered. Rank 0 finally merges them into `<benchmark>_answers.jsonl` in the question
+questions already answered (by question id and text: see Question.key). Rank 0 finally merges them into `<benchmark>_answers.jsonl` in the question
 file's order.
 """
 
@@ -147,7 +147,8 @@ def _part_paths(output_dir: str, benchmark: str) -> list[str]:
 
 
 def read_answers(path: str) -> dict:
-    """question_id -> answer record. A line cut short by a kill (the last one) is dropped, as never answered."""
+    """(question_id, prompt) -> answer record (see Question.key). A line cut short by a kill (the last one)
+    is dropped, as never answered."""
     found = {}
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -160,7 +161,7 @@ def read_answers(path: str) -> dict:
             if line_no == len(lines):
                 continue  # the unfinished last line of a killed run
             raise EvalError(f"{path}:{line_no}: not valid JSON") from None
-        found[record["question_id"]] = record
+        found[(record["question_id"], record["prompt"])] = record
     return found
 
 
@@ -180,7 +181,7 @@ def answer_all(m: Model, questions: list[Question], *, image_folder: Optional[st
     from tqdm import tqdm
 
     done = answered(output_dir, benchmark) if done is None else done
-    todo = [q for q in questions if q.question_id not in done][rank::world]
+    todo = [q for q in questions if q.key not in done][rank::world]
     # Batches of one kind (with or without an image), similar lengths together.
     todo.sort(key=lambda q: (q.image is None, len(q.text)))
     batches, current = [], []
@@ -212,9 +213,9 @@ def merge_answers(output_dir: str, benchmark: str, questions: list[Question]) ->
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for q in questions:
-            if q.question_id in done:
-                f.write(json.dumps(done[q.question_id]) + "\n")
+            if q.key in done:
+                f.write(json.dumps(done[q.key]) + "\n")
     os.replace(tmp, path)
     for part in _part_paths(output_dir, benchmark):
         os.remove(part)
-    return path, sum(q.question_id in done for q in questions)
+    return path, sum(q.key in done for q in questions)

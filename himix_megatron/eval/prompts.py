@@ -33,6 +33,12 @@ class Question:
     image: Optional[str]  # path relative to the image folder; None for a text-only question
     extra: dict = field(default_factory=dict)  # every other field (category, options, ...): copied into the answer
 
+    @property
+    def key(self) -> tuple:
+        """What identifies a question: LLaVA's TextVQA file uses the image id as `question_id`, shared by
+        the questions of one image, so the id alone is not enough."""
+        return (self.question_id, self.text)
+
 
 def read_questions(path: str, limit: Optional[int] = None) -> list[Question]:
     if not os.path.isfile(path):
@@ -53,12 +59,12 @@ def read_questions(path: str, limit: Optional[int] = None) -> list[Question]:
                 if key not in record:
                     raise EvalError(f"{where}: no {key!r} field")
             qid = record.pop("question_id")
-            if qid in seen:
-                raise EvalError(f"{where}: question_id {qid!r} appears twice")
-            seen.add(qid)
             text, image = record.pop("text"), record.pop("image", None)
             if not isinstance(text, str) or not text.strip():
                 raise EvalError(f"{where}: 'text' must be a non-empty string")
+            if (qid, text) in seen:
+                raise EvalError(f"{where}: question_id {qid!r} appears twice with the same text")
+            seen.add((qid, text))
             questions.append(Question(qid, text, image, record))
             if limit is not None and len(questions) >= limit:
                 break

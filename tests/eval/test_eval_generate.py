@@ -51,7 +51,8 @@ def exported(tmp_path_factory):
         ckpts = {arch: _checkpoint(root, arch, tok) for arch in ("himix", "vanilla")}
     finally:
         platform.shutdown()
-    return {arch: generate.hf_directory(path, str(root / "out"), log=lambda _: None) for arch, path in ckpts.items()}
+    exports = {arch: generate.hf_directory(path, str(root / "out"), log=lambda _: None) for arch, path in ckpts.items()}
+    return {**exports, "himix-ckpt": ckpts["himix"]}
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,8 @@ def test_ranks_split_the_questions_and_a_rerun_skips_answered_ones(exported, que
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "b"}\n', r"q.jsonl:2: question_id 1 appears twice"),
+    ('{"question_id": 1, "text": "a"}\n{"question_id": 1, "text": "a"}\n',
+     r"q.jsonl:2: question_id 1 appears twice with the same text"),
     ('{"question_id": 1}\n', r"q.jsonl:1: no 'text' field"),
     ('not json\n', r"q.jsonl:1: not valid JSON"),
     ('', r"holds no questions"),
@@ -147,3 +149,57 @@ def test_a_missing_image_is_named(exported, tmp_path):
     with pytest.raises(EvalError, match=r"question 7: cannot read its image .*nope.png"):
         generate.answer_batch(m, read_questions(str(tmp_path / "q.jsonl")), str(tmp_path), 2)
     assert os.path.isdir(exported["himix"])
+
+
+def test_cli_from_a_megatron_checkpoint_scores_and_resumes(exported, questions, tmp_path, capsys):
+    """himix-eval on a megatron checkpoint: exported, answered, scored (GQA exact match against an
+    annotation file where half the answers are the model's own), tabulated; a rerun answers nothing."""
+    from himix_megatron.eval.cli import main
+
+    path, folder = questions
+    m = generate.load_model(exported["himix"], template=None, system_prompt="", log=lambda _: None)
+    qs = [q for q in read_questions(path) if q.image is not None]
+    own = generate.answer_batch(m, qs, folder, max_new_tokens=4)
+    truth = {str(q.question_id): {"answer": text if i % 2 == 0 else "zebra"} for i, (q, text) in
+             enumerate(zip(qs, own))}
+    (tmp_path / "gqa.json").write_text(json.dumps(truth))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question_id": str(q.question_id), "image": q.image,
+                                                          "text": q.text}) + "\n" for q in qs))
+    argv = ["--model", exported["himix-ckpt"], "--benchmark", "gqa", "--questions", str(tmp_path / "q.jsonl"),
+            "--image-folder", folder, "--annotations", str(tmp_path / "gqa.json"), "--output-dir",
+            str(tmp_path / "out"), "--system-prompt", "", "--max-new-tokens", "4", "--batch-size", "2",
+            "--model-name", "tiny-himix", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    expected = 100.0 * sum(i % 2 == 0 or text == "zebra" for i, text in enumerate(own)) / len(own)
+    assert result["accuracy"] == pytest.approx(expected)
+    assert [json.loads(x)["text"] for x in open(tmp_path / "out" / "gqa_answers.jsonl")] == own
+    assert "tiny-himix" in (tmp_path / "out" / "results.md").read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["gqa"]["accuracy"] == result["accuracy"]
+    assert main(argv) == 0  # resumed: every question already answered
+    assert "0 questions answered by rank 0 in this run" in capsys.readouterr().out
+
+
+def test_cli_refuses_bad_flags(exported, questions, tmp_path, capsys):
+    from himix_megatron.eval.cli import main
+
+    path, folder = questions
+    base = ["--model", exported["himix"], "--questions", path, "--output-dir", str(tmp_path)]
+    assert main(base + ["--benchmark", "vqa-nope"]) == 2
+    assert "--benchmark 'vqa-nope'" in capsys.readouterr().err
+    assert main(base + ["--benchmark", "gqa", "--batch-size", "0"]) == 2
+    assert "--batch-size 0 must be >= 1" in capsys.readouterr().err
+    assert main(base + ["--benchmark", "gqa", "--annotations", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such file" in capsys.readouterr().err
+
+
+def test_textvqa_style_ids_shared_by_the_questions_of_one_image(tmp_path):
+    """LLaVA's TextVQA file uses the image id as question_id: two questions of one image are two questions."""
+    (tmp_path / "q.jsonl").write_text('{"question_id": "img7", "text": "what brand"}\n'
+                                      '{"question_id": "img7", "text": "what year"}\n')
+    qs = read_questions(str(tmp_path / "q.jsonl"))
+    assert len({q.key for q in qs}) == 2
+    (tmp_path / "demo_answers.jsonl").write_text("".join(
+        json.dumps({"question_id": q.question_id, "prompt": q.text, "text": "x"}) + "\n" for q in qs[:1]))
+    assert list(generate.answered(str(tmp_path), "demo")) == [qs[0].key]
