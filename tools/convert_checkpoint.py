@@ -3,10 +3,15 @@
   import: an HF Llama/Qwen2 decoder + a SigLIP vision tower -> a checkpoint at the given TP x PP
           (runs TP x PP gloo processes, each building and saving its own shard).
   export: a checkpoint of any TP/PP -> an HF directory.
+  import-reference: a checkpoint trained by the authors' reference code (github.com/Xuange923/HiMix,
+          TinyLLaVA style: pretrain layout language_model/ + vision_tower/, or a finetune model directory)
+          -> a checkpoint at the given TP x PP, every weight from the reference (none newly initialised).
 
     python tools/convert_checkpoint.py import --hf-llm DIR --hf-vision DIR --arch himix \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --output ckpt/ [--template vicuna_v1]
     python tools/convert_checkpoint.py export --load ckpt/ --output hf_model/
+    python tools/convert_checkpoint.py import-reference --reference DIR \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --output ckpt/ [--template qwen2]
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ layouts:
        releases). Serves transformers and lmms-eval's `llava_hf` model type directly; VLMEvalKit
        needs a config entry pointing one of its LLaVA-HF model classes at the directory.
   arch uniform / hierarchical (the paper's ablations) have no HF model and are refused.
-  The HiMix reference repository's own layout (TinyLLaVA style) is not offered: its mixture-attention
-  parameter names are not documented anywhere this tool could check them against.
+  The HiMix reference repository's own layout (TinyLLaVA style) is not offered as an export layout;
+  it can be imported (`import-reference`).
 """
 
 
@@ -50,6 +55,21 @@ def main(argv=None) -> int:
     imp.add_argument("--output", required=True, help="checkpoint save directory to create")
     imp.add_argument("--template", default=None, help="conversation template recorded in the checkpoint")
     imp.add_argument("--seed", type=int, default=0, help="seed of the new (non-HF) parameters")
+
+    ref = sub.add_parser("import-reference", help="HiMix reference-code (TinyLLaVA) checkpoint -> megatron checkpoint",
+                         description="Import a checkpoint written by the authors' reference code. DIR is either "
+                                     "the pretrain output (language_model/ + vision_tower/) or a finetune output / "
+                                     "Trainer checkpoint-N directory (weights named language_model.* and "
+                                     "vision_tower._vision_tower.*, with the TinyLLaVA config.json). The tokenizer "
+                                     "is taken from DIR/language_model/ if it has one, else from DIR. See "
+                                     "himix_megatron/convert/reference_import.py for what is checked and refused.")
+    ref.add_argument("--reference", required=True, metavar="DIR", help="reference checkpoint directory")
+    ref.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    ref.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    ref.add_argument("--output", required=True, help="checkpoint save directory to create")
+    ref.add_argument("--template", default=None,
+                     help="conversation template recorded in the checkpoint (the reference does not record its "
+                          "--conv_version)")
 
     exp = sub.add_parser("export", help="megatron checkpoint -> Hugging Face",
                          epilog=EXPORT_LAYOUTS, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +104,12 @@ def main(argv=None) -> int:
                                       pipeline_model_parallel_size=args.pipeline_model_parallel_size)
             import_checkpoint(args.hf_llm, args.hf_vision, args.arch, parallel, args.output,
                               template=args.template, seed=args.seed)
+        elif args.command == "import-reference":
+            from himix_megatron.convert.reference_import import import_reference
+
+            parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                      pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+            import_reference(args.reference, parallel, args.output, template=args.template)
         else:
             from himix_megatron.convert.hf_export import export_checkpoint
 
