@@ -20,6 +20,13 @@ post_layernorm, head) are available, from `--hf-vision` or the checkpoint's
 tower is written without its last layer and with `vision_feature_layer = -1`, which selects the same
 features; its post_layernorm, which no feature passes through, is then the identity (ones, zeros).
 
+For arch himix the export also holds a remote-code `HiMixProcessor` (processor_config.json; AutoProcessor) and, in
+chat_template.jinja, the conversation template the model was trained with (the checkpoint's, vicuna_v1 when it
+records none) as a Jinja chat template: `processor.apply_chat_template(messages, add_generation_prompt=True)` and
+then `processor(text=..., images=...)` give exactly the ids of `himix_megatron.data.templates.generation_prompt`
+(checked during the export on a sample question), so generic harnesses (lmms-eval's `huggingface` model) prompt
+it as it was trained. The vanilla export keeps the LlavaProcessor and the source's chat template.
+
 config.json records `himix_tested_transformers`, the range of transformers releases the export is tested with
 (himix_megatron/hf's TESTED_TRANSFORMERS).
 
@@ -44,6 +51,94 @@ from himix_megatron.hf import TESTED_TRANSFORMERS, TESTED_TRANSFORMERS_KEY
 
 IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_TEMPLATE = "vicuna_v1"  # what `himix_template` is taken to be when the checkpoint records none
+
+# Jinja chat templates equal to himix_megatron.data.templates' renderers (arch himix: the image is not in the
+# sequence). Each image of a message becomes one `<image>` placeholder at the front of that user turn, where
+# training put the image; HiMixProcessor pairs placeholders with images and drops them from the ids. Message
+# content is a string or a list of parts ({"type": "text" | "image", ...}); the text parts are joined by "\n".
+# A system message replaces the template's default system prompt ("" drops it). `{SYSTEM}` is filled in below.
+_JINJA_COMMON = r"""{%- macro himix_text(message) -%}
+{%- if message['content'] is string -%}{{ message['content'] }}
+{%- else -%}{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') }}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro himix_images(message) -%}
+{%- if message['content'] is not string -%}
+{%- for part in message['content'] if part['type'] == 'image' -%}<image>{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set system = himix_text(messages[0]) -%}{%- set turns = messages[1:] -%}
+{%- else -%}
+{%- set system = {SYSTEM} -%}{%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}
+{{- raise_exception('HiMix conversations are an optional system message, then user and assistant turns '
+                    'in turn, starting with the user') -}}
+{%- endif -%}
+{%- endfor -%}
+"""
+_JINJA_BODIES = {
+    # <s>{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT:
+    "vicuna_v1": r"""{%- if not bos_token or not eos_token -%}
+{{- raise_exception('the vicuna_v1 template needs BOS and EOS tokens') -}}
+{%- endif -%}
+{{- bos_token -}}
+{%- for message in turns -%}
+{%- if message['role'] == 'user' -%}
+{%- if loop.first and system -%}{{- system + ' ' -}}{%- endif -%}
+{{- 'USER:' + himix_images(message) -}}
+{%- set question = himix_text(message) -%}
+{%- if question -%}{{- ' ' + question -}}{%- endif -%}
+{%- if not loop.last or add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}
+{%- else -%}
+{{- ' ' + himix_text(message) + eos_token -}}
+{%- endif -%}
+{%- endfor -%}""",
+    "llama3": r"""{{- bos_token if bos_token else '<|begin_of_text|>' -}}
+{%- if system -%}{{- '<|start_header_id|>system<|end_header_id|>\n\n' + system + '<|eot_id|>' -}}{%- endif -%}
+{%- for message in turns -%}
+{%- if message['role'] == 'user' -%}
+{{- '<|start_header_id|>user<|end_header_id|>\n\n' + himix_images(message) + himix_text(message) + '<|eot_id|>' -}}
+{%- if not loop.last or add_generation_prompt -%}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+{%- endif -%}
+{%- else -%}
+{{- himix_text(message) + '<|eot_id|>' -}}
+{%- endif -%}
+{%- endfor -%}""",
+    "qwen2": r"""{%- if system -%}{{- '<|im_start|>system\n' + system + '<|im_end|>\n' -}}{%- endif -%}
+{%- for message in turns -%}
+{%- if message['role'] == 'user' -%}
+{{- '<|im_start|>user\n' + himix_images(message) + himix_text(message) + '<|im_end|>\n' -}}
+{%- if not loop.last or add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+{%- else -%}
+{{- himix_text(message) + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- endfor -%}""",
+    # LLaVA pretraining: <s> [image] caption "\n". The question is not part of the prompt (training ignores it).
+    "plain": r"""{%- if not bos_token -%}{{- raise_exception('the plain template needs a BOS token') -}}{%- endif -%}
+{%- if turns | length > 2 -%}{{- raise_exception('the plain template takes one question') -}}{%- endif -%}
+{{- bos_token -}}
+{%- for message in turns -%}
+{%- if message['role'] == 'user' -%}{{- himix_images(message) -}}
+{%- else -%}{{- himix_text(message) + '\n' -}}{%- endif -%}
+{%- endfor -%}""",
+}
+
+
+def chat_template(name: Optional[str]) -> str:
+    """The Jinja chat template equal to the conversation template `name` (None: DEFAULT_TEMPLATE)."""
+    from himix_megatron.data.templates import DEFAULT_SYSTEMS
+
+    name = name or DEFAULT_TEMPLATE
+    if name not in _JINJA_BODIES or name not in DEFAULT_SYSTEMS:
+        raise ConversionError(f"conversation template {name!r} has no chat-template equivalent; the HiMix export "
+                              f"writes one for {sorted(_JINJA_BODIES)}")
+    system = DEFAULT_SYSTEMS[name]
+    return _JINJA_COMMON.replace("{SYSTEM}", json.dumps(system or "", ensure_ascii=False)) + _JINJA_BODIES[name] + "\n"
 
 
 def load_tp1(load_dir: str):
@@ -199,6 +294,8 @@ def _export_vanilla(d, state, tower, vision_cfg, feature_layer, tmp, image_id, i
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
                          multimodal_projector_bias=True, tie_word_embeddings=lm.tie_embeddings,
                          architectures=["LlavaForConditionalGeneration"], **ids)
+    if d.template:
+        config.himix_template = d.template  # read by himix-eval; transformers keeps unknown config keys
     return tensors, config
 
 
@@ -212,10 +309,16 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
         raise ConversionError(f"--output {output} already exists; refusing to overwrite it")
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose auto or one of {sorted(DTYPES)}")
-    arch = read_description(load).arch
+    described = read_description(load)
+    arch = described.arch
     if arch not in ("himix", "vanilla"):
         raise ConversionError(f"arch {arch!r} is one of the paper's ablations and has no Hugging Face model; "
                               "export supports arch himix (remote code) and vanilla (LlavaForConditionalGeneration)")
+    if arch == "himix":
+        template = described.template or DEFAULT_TEMPLATE
+        jinja = chat_template(template)  # refuses, before anything is written, a template it cannot express
+        if described.template is None:
+            log(f"warning: the checkpoint records no conversation template; the chat template is {template}'s")
     d, iter_dir, chunks, encoder, stored = load_tp1(load)
     state = {n: p.detach() for n, p in chunks[0].named_parameters()}
     vision_state = {n: p.detach() for n, p in encoder.named_parameters()}
@@ -227,6 +330,11 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
         image_id, ids = _tokenizer(iter_dir, tmp, log)
         # Explicit Nones: the config classes' defaults (Llama's bos 1 / eos 2) must not pose as the real ids.
         ids = {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        if arch == "himix" and image_id is not None:
+            # Before config.json: with its remote-code auto_map there, AutoTokenizer would ask to trust it.
+            _save_himix_processor(_image_processor(d.vision), tmp, iter_dir, template, jinja, log)
+        elif arch == "himix":
+            log("warning: without a tokenizer the export has no HiMixProcessor and no chat template")
         build = _export_himix if arch == "himix" else _export_vanilla
         tensors, config = build(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids)
         # The transformers releases this export's files (remote code, config and processor layout) are tested with.
@@ -263,6 +371,66 @@ def _generation_config(out: str, ids: dict, image_id: Optional[int], config) -> 
     if image_id is not None and image_id < vocab:
         generation.suppress_tokens = sorted({*(generation.suppress_tokens or []), image_id})
     generation.save_pretrained(out)
+
+
+PROCESSOR_CONFIG = {"processor_class": "HiMixProcessor",
+                    "auto_map": {"AutoProcessor": "processing_himix.HiMixProcessor"},
+                    "image_token": IMAGE_TOKEN, "padding_side": "left"}
+SAMPLE_QUESTIONS, SAMPLE_ANSWERS = ("What is in the image?", "Where is it?"), ("A red circle.",)
+
+
+def _save_himix_processor(image_processor, out: str, iter_dir: str, template: str, jinja: str, log) -> None:
+    """processor_config.json (AutoProcessor -> the remote-code HiMixProcessor) and chat_template.jinja, after
+    checking that the template and the processor give the training prompt's ids (refused if they do not)."""
+    from transformers import AutoTokenizer
+
+    from himix_megatron.hf.processing_himix import HiMixProcessor
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    processor = HiMixProcessor(image_processor, tok, chat_template=jinja)
+    _check_prompts(processor, os.path.join(iter_dir, "tokenizer"), template, log)
+    with open(os.path.join(out, "processor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(PROCESSOR_CONFIG, f, indent=2, sort_keys=True)
+    # Ours replaces the LM's own template (copied with the tokenizer). The processor reads a legacy
+    # chat_template.json before chat_template.jinja; the tokenizer reads chat_template.jinja before the
+    # `chat_template` of tokenizer_config.json.
+    with open(os.path.join(out, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(jinja)
+    if os.path.isfile(os.path.join(out, "chat_template.json")):
+        os.remove(os.path.join(out, "chat_template.json"))
+
+
+def _check_prompts(processor, tokenizer_dir: str, template: str, log) -> None:
+    """The chat template + processor give generation_prompt's ids (training's tokenizer) for a one-question
+    prompt with an image and a two-round one."""
+    from himix_megatron.data.records import DataError
+    from himix_megatron.data.templates import TemplateConfig, generation_prompt
+    from himix_megatron.data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tokenizer_dir)
+    except DataError as e:  # a checkpoint imported but not trained: no training tokenizer to compare with
+        log(f"warning: the training data pipeline cannot load the checkpoint's tokenizer ({e}); the chat "
+            "template is written unchecked")
+        return
+    cfg = TemplateConfig.for_arch(template, "himix")
+    for n in (1,) if template == "plain" else (1, 2):
+        questions, answers = SAMPLE_QUESTIONS[:n], SAMPLE_ANSWERS[:n - 1]
+        messages = []
+        for i, q in enumerate(questions):
+            messages.append({"role": "user", "content": [{"type": "image"}] * (i == 0) + [{"type": "text", "text": q}]})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
+        try:
+            expected = generation_prompt(questions, answers, tok, cfg, has_image=True)
+            text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - DataError (no BOS/EOS), the template's raise_exception (jinja2)
+            raise ConversionError(f"the {template} chat template cannot render a sample conversation: {e}") from e
+        ids = processor.encode_text(text)
+        if text.count(IMAGE_TOKEN) != 1 or ids != expected:
+            raise ConversionError(
+                f"the {template} chat template does not reproduce the training prompt with this tokenizer "
+                f"({n} round(s)): {text!r} gives {ids}, training {expected}")
 
 
 def _save_llava_processor(image_processor, out: str, v) -> None:

@@ -1,7 +1,7 @@
 """Hugging Face side of HiMix: `trust_remote_code` files copied verbatim into exported model directories.
 
-`configuration_himix.py` and `modeling_himix.py` import only torch and transformers, so an export directory
-is self-contained; they are not imported here so that importing this package stays cheap.
+`configuration_himix.py`, `modeling_himix.py` and `processing_himix.py` import only torch and transformers, so an
+export directory is self-contained; they are not imported here so that importing this package stays cheap.
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ from pathlib import Path
 TESTED_TRANSFORMERS = ">=5.6.0,<=5.24.0"
 TESTED_TRANSFORMERS_KEY = "himix_tested_transformers"
 
-REMOTE_CODE_FILES = ("configuration_himix.py", "modeling_himix.py")
+REMOTE_CODE_FILES = ("configuration_himix.py", "modeling_himix.py", "processing_himix.py")
+# AutoModel too: generic loaders (lmms-eval's `huggingface` model) fall back to AutoModel for a model type that
+# transformers does not know, and need a model that generates. AutoProcessor is also in the export's
+# processor_config.json, where AutoProcessor looks first.
 AUTO_MAP = {
     "AutoConfig": "configuration_himix.HiMixConfig",
+    "AutoModel": "modeling_himix.HiMixForCausalLM",
     "AutoModelForCausalLM": "modeling_himix.HiMixForCausalLM",
+    "AutoProcessor": "processing_himix.HiMixProcessor",
 }
 
 

@@ -97,7 +97,7 @@ def _greedy_without_cache(m, question, folder, steps):
 @pytest.mark.parametrize("arch", ["himix", "vanilla"])
 def test_batched_cached_answers_equal_single_and_cache_free_greedy(exported, questions, arch):
     path, folder = questions
-    m = generate.load_model(exported[arch], template="vicuna_v1" if arch == "vanilla" else None, system_prompt="", log=lambda _: None)
+    m = generate.load_model(exported[arch], template=None, system_prompt="", log=lambda _: None)
     assert m.template.name == "vicuna_v1"  # recorded by the checkpoint, carried by the export
     qs = [q for q in read_questions(path) if q.image is not None]
     batched = generate.answer_batch(m, qs, folder, max_new_tokens=6)
