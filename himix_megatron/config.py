@@ -53,9 +53,18 @@ class LanguageModelConfig:
         return self.num_query_groups * self.kv_channels
 
 
+VISION_KINDS: tuple[str, ...] = ("siglip", "clip")
+VISION_ACTIVATIONS: tuple[str, ...] = ("gelu_pytorch_tanh", "gelu", "quick_gelu")  # transformers' hidden_act names
+
+
 @dataclass(frozen=True)
 class VisionModelConfig:
-    """A SigLIP-style ViT. HiMix consumes its penultimate-layer patch features."""
+    """A SigLIP- or CLIP-style ViT. HiMix consumes its penultimate-layer patch features.
+
+    kind "siglip": no class token, patch conv with bias, no pre-LayerNorm; the first patch is dropped.
+    kind "clip": a class token, bias-free patch conv, pre-LayerNorm; the class token is dropped (LLaVA's
+    hidden_states[-2][:, 1:]). `kind` and `hidden_act` default to SigLIP so older configs keep loading.
+    """
 
     name: str
     hidden_size: int
@@ -65,15 +74,34 @@ class VisionModelConfig:
     image_size: int
     patch_size: int
     norm_epsilon: float
+    kind: str = "siglip"
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    def __post_init__(self):
+        if self.kind not in VISION_KINDS:
+            raise ConfigError(f"{self.name}: vision kind={self.kind!r} is not one of {list(VISION_KINDS)}")
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            raise ConfigError(f"{self.name}: vision hidden_act={self.hidden_act!r} is not one of "
+                              f"{list(VISION_ACTIVATIONS)}")
+
+    @property
+    def class_token(self) -> bool:
+        return self.kind == "clip"
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def seq_length(self) -> int:
+        """Tokens inside the encoder: the patches, plus CLIP's class token."""
+        return self.num_patches + (1 if self.class_token else 0)
+
+    @property
     def num_features(self) -> int:
-        """Vision tokens fed to the decoder: every patch but the first (27*27-1 = 728 for SigLIP-384)."""
-        return self.num_patches - 1
+        """Vision tokens fed to the decoder: every patch but the first (27*27-1 = 728 for SigLIP-384);
+        for CLIP every patch (the class token is dropped instead): 14*14 = 196 for ViT-?/16 at 224."""
+        return self.num_patches if self.class_token else self.num_patches - 1
 
 
 @dataclass(frozen=True)
@@ -114,6 +142,21 @@ VISION_MODELS: dict[str, VisionModelConfig] = {
         # steps (width 192: 0.78; "tiny", 14 px patches of a 56 px image: 0.60 after 1000).
         VisionModelConfig("tiny-112", 384, 2, 4, 768, image_size=112, patch_size=14, norm_epsilon=1e-6),
         VisionModelConfig("siglip-so400m-384", 1152, 27, 16, 4304, image_size=384, patch_size=14, norm_epsilon=1e-6),
+        # Tiny CLIP towers for tests (quick_gelu, like OpenAI CLIP).
+        VisionModelConfig("tiny-clip", 48, 3, 4, 96, image_size=56, patch_size=14, norm_epsilon=1e-5, kind="clip",
+                          hidden_act="quick_gelu"),
+        # TinyCLIP vision towers (paper Table 6), from microsoft/Cream TinyCLIP/src/open_clip/model_configs/*.json:
+        # width, layers, patch, image as there; heads = width / 64 and FFN = 4 x width are open_clip's defaults
+        # (head_width=64, mlp_ratio=4), GELU (erf: no quick_gelu in these configs) and LayerNorm eps 1e-5 too.
+        VisionModelConfig("tinyclip-39m", 512, 12, 8, 2048, image_size=224, patch_size=16, norm_epsilon=1e-5,
+                          kind="clip", hidden_act="gelu"),
+        VisionModelConfig("tinyclip-40m", 512, 12, 8, 2048, image_size=224, patch_size=32, norm_epsilon=1e-5,
+                          kind="clip", hidden_act="gelu"),
+        VisionModelConfig("tinyclip-61m", 640, 12, 10, 2560, image_size=224, patch_size=32, norm_epsilon=1e-5,
+                          kind="clip", hidden_act="gelu"),
+        # openai/clip-vit-large-patch14-336, LLaVA-1.5's tower: 576 x 1024 features.
+        VisionModelConfig("clip-vit-l-14-336", 1024, 24, 16, 4096, image_size=336, patch_size=14, norm_epsilon=1e-5,
+                          kind="clip", hidden_act="quick_gelu"),
     ]
 }
 
@@ -182,12 +225,72 @@ class HiMixTransformerConfig(TransformerConfig):
     # The embedding's padded row count, fixed when the model is first built (checkpoints record it);
     # None pads Megatron-LM's way for the current TP.
     padded_vocab_size: Optional[int] = None
+    # gamma-MoD on the vanilla model (model/gamma_mod.py). Layer indices are 0-based.
+    gamma_mod: bool = False
+    mod_layers: Optional[tuple[int, ...]] = None  # None: every layer but the first three and the last
+    mod_capacity: float = 0.5  # training: the fraction of a sample's routable tokens a MoD layer processes
+    mod_aux_loss_coeff: float = 0.01  # x the sum over MoD layers of the router's cross entropy
+    mod_threshold: float = 0.005  # inference (eval mode): a token is processed iff its router probability > this
+    mod_decode_threshold: float = 0.5  # inference, one new token over a KV cache: processed iff p >= this (HF side)
+    mod_router_bias: bool = False  # the official router is Linear(d, 2, bias=False)
+    # What a skipped token skips: "layer" (the official code: attention and MLP run for the routed tokens only)
+    # or "mlp" (attention for every token, the MLP for the routed ones).
+    mod_skip: str = "layer"
+    # Token ids of the conversation template's system header ("<s>{system} USER:"): a sample whose text starts
+    # with them has those tokens routable (besides its image). Set by the trainer from its tokenizer; not a
+    # property of the weights, so checkpoints do not record it.
+    mod_system_prefix: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         super().__post_init__()
         if self.padded_vocab_size is not None and self.padded_vocab_size % self.tensor_model_parallel_size:
             raise ConfigError(f"padded_vocab_size {self.padded_vocab_size} (recorded in the checkpoint) is not "
                               f"divisible by tensor_model_parallel_size {self.tensor_model_parallel_size}")
+        if self.gamma_mod:
+            check_gamma_mod(self)
+
+    @property
+    def mod_layer_indices(self) -> tuple[int, ...]:
+        """The 0-based MoD layers of a gamma-MoD model (empty otherwise)."""
+        if not self.gamma_mod:
+            return ()
+        return tuple(sorted(self.mod_layers)) if self.mod_layers is not None else default_mod_layers(self.num_layers)
+
+
+MOD_SKIPS = ("layer", "mlp")
+
+
+def default_mod_layers(num_layers: int) -> tuple[int, ...]:
+    """gamma-MoD's default ("arank_mod" in its code): every layer but 0, 1, 2 and the last."""
+    return tuple(i for i in range(num_layers) if i not in {0, 1, 2, num_layers - 1})
+
+
+def check_gamma_mod(config: "HiMixTransformerConfig") -> None:
+    """Refuse a gamma-MoD setting that cannot be built; messages name the field."""
+    if config.arch != "vanilla":
+        raise ConfigError(f"gamma_mod needs arch='vanilla' (got arch={config.arch!r}): MoD routes the image tokens "
+                          "of the vanilla sequence")
+    layers = config.mod_layer_indices
+    if config.mod_layers is not None:
+        bad = [i for i in config.mod_layers if not 0 <= i < config.num_layers]
+        if bad or len(set(config.mod_layers)) != len(config.mod_layers):
+            raise ConfigError(f"mod_layers={list(config.mod_layers)}: each must be a distinct layer index in "
+                              f"[0, {config.num_layers})")
+    if not layers:
+        raise ConfigError(f"mod_layers: a {config.num_layers}-layer model has no MoD layer by default (every layer "
+                          "but the first three and the last); name them explicitly")
+    if not 0.0 < config.mod_capacity <= 1.0:
+        raise ConfigError(f"mod_capacity={config.mod_capacity} must be in (0, 1]")
+    if config.mod_aux_loss_coeff < 0:
+        raise ConfigError(f"mod_aux_loss_coeff={config.mod_aux_loss_coeff} must be >= 0")
+    if config.mod_skip not in MOD_SKIPS:
+        raise ConfigError(f"mod_skip={config.mod_skip!r}: choose one of {list(MOD_SKIPS)}")
+    for name in ("mod_threshold", "mod_decode_threshold"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ConfigError(f"{name}={getattr(config, name)} must be in [0, 1)")
+    if config.sequence_parallel:
+        raise ConfigError("gamma_mod does not support sequence_parallel: routing picks tokens across the whole "
+                          "sequence")
 
 
 def build_transformer_config(

@@ -20,11 +20,21 @@ excluded. What the paper's tables pin down beyond that (checked cell by cell in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 
-from himix_megatron.config import ARCHS, ConfigError, LanguageModelConfig, language_model_preset, vision_model_preset
+from himix_megatron.config import (
+    ARCHS,
+    ConfigError,
+    LanguageModelConfig,
+    VisionModelConfig,
+    default_mod_layers,
+    language_model_preset,
+    vision_model_preset,
+)
 
 STAGES: tuple[str, ...] = ("pretrain", "further-pretrain", "finetune")
 
@@ -146,6 +156,53 @@ def fastv_cost(lm: LanguageModelConfig, vision_tokens: int, text_tokens: int, k:
                        attn_flops=attn, ffn_flops=ffn)
 
 
+def gamma_mod_cost(lm: LanguageModelConfig, vision_tokens: int, text_tokens: int, mod_layers=None,
+                   capacity: float = 0.5, system_tokens: int = 0, router_bias: bool = False,
+                   skip: str = "layer") -> DecoderCost:
+    """Vanilla with gamma-MoD layers (model/gamma_mod.py), each processing its routed tokens only.
+
+    A MoD layer routes every question/answer token plus ceil(capacity x R) of the R = N + system_tokens image
+    and system-prompt tokens (the training rule; pass the fraction measured at inference as `capacity` to count
+    threshold routing). Its Q/K/V/O projections and MLP run at those k tokens, QK^T and AV over k x k (skipped
+    tokens are neither queries nor keys there, as in the official code), plus the router's Linear(d, 2) over
+    all N + M tokens, counted with the FFN part. Every position still reaches the LM head. mod_layers: 0-based,
+    default every layer but the first three and the last. skip="mlp" (the variant): attention at all N + M
+    tokens, only the MLP at k.
+    """
+    _check("vanilla", vision_tokens, text_tokens)
+    L, d = lm.num_layers, lm.hidden_size
+    layers = default_mod_layers(L) if mod_layers is None else tuple(mod_layers)
+    if any(not 0 <= i < L for i in layers) or len(set(layers)) != len(layers):
+        raise ConfigError(f"mod_layers={list(layers)} must be distinct layers of the {L} of {lm.name}")
+    if not 0.0 < capacity <= 1.0:
+        raise ConfigError(f"mod_capacity={capacity} must be in (0, 1]")
+    if system_tokens < 0:
+        raise ConfigError(f"system_tokens={system_tokens} must be >= 0")
+    s = vision_tokens + text_tokens
+    routable = min(vision_tokens + system_tokens, s)
+    routed = s - routable + math.ceil(capacity * routable - 1e-9)
+    if skip not in ("layer", "mlp"):
+        raise ConfigError(f"mod_skip={skip!r} must be 'layer' or 'mlp'")
+    full, part = _layer(lm, "vanilla", vision_tokens, text_tokens, 0), _layer(lm, "vanilla", routed, 0, 0)
+    router = 2 * s * d * 2
+    mod, dense = len(layers), L - len(layers)
+    mod_attention = full if skip == "mlp" else part
+    attn = dense * (full.qkv + full.out + full.scores + full.mix) + \
+        mod * (mod_attention.qkv + mod_attention.out + mod_attention.scores + mod_attention.mix)
+    ffn = dense * full.mlp + mod * (part.mlp + router)
+    return DecoderCost(params=_lm_params(lm) + 2 * d + (2 if router_bias else 0),
+                       flops=attn + ffn + _head_flops(lm, "vanilla", vision_tokens, text_tokens),
+                       attn_flops=attn, ffn_flops=ffn)
+
+
+def gamma_mod_training_flops(lm: LanguageModelConfig, vision_tokens: int, text_tokens: int, stage: str, **mod) -> int:
+    """Forward + backward FLOPs of one gamma-MoD training sample: every parameter trains (finetune or
+    further-pretrain), so, as `training_flops` derives, the total is exactly 3 x the forward."""
+    if stage not in STAGES or stage == "pretrain":
+        raise ConfigError(f"stage={stage!r}: gamma-MoD trains in finetune / further-pretrain")
+    return 3 * gamma_mod_cost(lm, vision_tokens, text_tokens, **mod).flops
+
+
 def training_flops(
     lm: LanguageModelConfig,
     arch: str,
@@ -199,17 +256,118 @@ def training_flops(
     return forward + head_input_grad + upper_input_grads + layer0_input_grads + weight_grads
 
 
+@dataclass(frozen=True)
+class EncoderCost:
+    """Vision-encoder parameters and forward FLOPs of one image (plain numbers, not giga).
+
+    `params` / `flops` are the whole published tower (every layer, SigLIP's pooling head), as Table 6
+    counts it; `feature_params` / `feature_flops` are what HiMix runs: up to the penultimate layer, no
+    post-LayerNorm, no head (model/vision.py). `attn_core_flops` is the QK^T + AV part of `flops`.
+    """
+
+    params: int
+    flops: int
+    attn_core_flops: int
+    head_flops: int  # SigLIP's attention-pooling head (0 for CLIP), part of `flops`
+    feature_params: int
+    feature_flops: int
+    tokens: int  # sequence length inside the encoder (patches, + CLIP's class token)
+    num_features: int  # N, the tokens HiMix feeds the decoder
+
+
+def vision_encoder_cost(vision: VisionModelConfig) -> EncoderCost:
+    """Parameters and forward FLOPs per image of a SigLIP / CLIP vision tower, under the paper's rule.
+
+    Rule: 2 x MACs of every matmul, the same as `decoder_cost`: the Q/K/V/O projections, QK^T and AV in
+    full, the MLP; the patch-embedding conv as the matmul it is ([patches, 3 p^2] x [3 p^2, d]); norms,
+    softmax, activations, biases and the class-token / position additions count as zero. Parameters
+    are those of transformers' SiglipVisionModel / CLIPVisionModel: a CLIPModel's `visual_projection`
+    is not the encoder (with it TinyCLIP-39M/-40M would be 0.039/0.040 B, not Table 6's 0.038/0.039).
+    SigLIP's head (MultiheadAttentionPoolingHead) is counted: one probe query over all tokens (its K/V
+    projections run at every token, 3.9 GFLOPs for so400m), out projection and MLP on one token.
+
+    Table 6 reproduction (tests/test_vision_flops.py), params exact to the printed digits:
+      SigLIP-so400m-384  0.428 B / 670.35 G vs 0.428 / 670.89 (-0.08%): all 27 layers, attention and head.
+      TinyCLIP-40M/32    0.039 B /   3.99 G vs 0.039 /   3.93 (+1.5%)
+      TinyCLIP-61M/32    0.061 B /   6.17 G vs 0.061 /   6.10 (+1.1%)
+      TinyCLIP-39M/16    0.038 B /  15.98 G vs 0.038 /  15.04 (+6.3%, outside 4%)
+    The three TinyCLIP cells are all reproduced to 0.15% (15.03, 3.93, 6.09) by the same count *without*
+    QK^T and AV (`flops - attn_core_flops`), and only the 196-token 39M/16 is far enough from it to
+    show: the paper's tool apparently saw no attention matmuls in TinyCLIP's open_clip towers, whose
+    nn.MultiheadAttention(need_weights=False) runs as one fused kernel that module-hook FLOP counters
+    skip, while it saw them in HF SigLIP (without them SigLIP would be 604.2 G, -9.9%). We keep one rule
+    for every encoder (and the decoder), so 39M/16 stays +6.3% above the paper. Counting only up to the
+    penultimate layer (what HiMix runs, `feature_flops`) explains none of the cells: SigLIP 641.8 G
+    (-4.3%), TinyCLIP 14.66 / 3.67 / 5.67 G (-2.5%, -6.6%, -7.0%).
+    """
+    d, f, L, p = vision.hidden_size, vision.ffn_hidden_size, vision.num_layers, vision.patch_size
+    patches, s = vision.num_patches, vision.seq_length
+    siglip = vision.kind == "siglip"
+    conv_flops = 2 * patches * (3 * p * p) * d
+    linear = 2 * s * (4 * d * d + 2 * d * f)  # Q, K, V, O projections + MLP fc1, fc2
+    core = 2 * 2 * s * s * d  # QK^T + AV, summed over heads
+    # SigLIP's head: q for the probe, k/v at every token, scores/mix for one query, out, MLP on one token.
+    head = (2 * d * d + 2 * s * 2 * d * d + 2 * 2 * s * d + 2 * d * d + 2 * 2 * d * f) if siglip else 0
+
+    layer_params = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # attention, MLP, two LayerNorms
+    embed_params = 3 * p * p * d + (d if siglip else 0) + s * d + (0 if siglip else d + 2 * d)  # conv(+bias),
+    # positions; CLIP: class embedding and pre-LayerNorm
+    head_params = (d + 3 * (d * d + d) + (d * d + d) + 2 * d + (d * f + f) + (f * d + d)) if siglip else 0
+    feature_params = embed_params + (L - 1) * layer_params
+    return EncoderCost(
+        params=feature_params + layer_params + 2 * d + head_params,  # + last layer, post-LayerNorm, head
+        flops=conv_flops + L * (linear + core) + head,
+        attn_core_flops=L * core,
+        head_flops=head,
+        feature_params=feature_params,
+        feature_flops=conv_flops + (L - 1) * (linear + core),
+        tokens=s,
+        num_features=vision.num_features,
+    )
+
+
+def _print_encoder(args, vision: VisionModelConfig) -> int:
+    cost = vision_encoder_cost(vision)
+    if args.json:
+        print(json.dumps({"vision_model": vision.name, **dataclasses.asdict(cost)}))
+        return 0
+    g = 1e9
+    print(f"{vision.name} ({vision.kind}), {vision.image_size} px, patch {vision.patch_size}: "
+          f"{cost.num_features} x {vision.hidden_size} features, {cost.tokens} tokens inside")
+    print(f"  params (whole tower)      {cost.params / g:10.3f} B")
+    print(f"  forward GFLOPs per image  {cost.flops / g:10.2f}")
+    print(f"    of which QK^T + AV      {cost.attn_core_flops / g:10.2f}")
+    if cost.head_flops:
+        print(f"    of which pooling head   {cost.head_flops / g:10.2f}")
+    print(f"  up to the penultimate layer (what HiMix runs): {cost.feature_params / g:.3f} B params, "
+          f"{cost.feature_flops / g:.2f} GFLOPs")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m himix_megatron.flops",
         description="Language-decoder parameters and forward FLOPs of one sample, as the HiMix paper counts them.",
     )
-    parser.add_argument("--model", required=True, help="language model preset, e.g. llama3.2-1b")
-    parser.add_argument("--arch", default="himix", choices=ARCHS + ("fastv",),
-                        help="fastv: vanilla pruned by FastV at inference (--fastv-k, --fastv-r)")
+    parser.add_argument("--model", default=None,
+                        help="language model preset, e.g. llama3.2-1b (required, unless --vision-model alone asks "
+                             "for the vision encoder's parameters and FLOPs per image)")
+    parser.add_argument("--arch", default="himix", choices=ARCHS + ("fastv", "gamma-mod"),
+                        help="fastv: vanilla pruned by FastV at inference (--fastv-k, --fastv-r); gamma-mod: vanilla "
+                             "with gamma-MoD layers (--mod-layers, --mod-capacity, --mod-system-tokens)")
     parser.add_argument("--fastv-k", type=int, default=2, help="FastV: the layer from which image tokens are pruned")
     parser.add_argument("--fastv-r", type=float, default=0.5, help="FastV: the fraction of image tokens pruned")
-    parser.add_argument("--vision-model", default="siglip-so400m-384", help="supplies the vision width d_v")
+    parser.add_argument("--mod-layers", default=None,
+                        help="gamma-MoD: comma-separated 0-based MoD layers (default: all but the first 3 and last)")
+    parser.add_argument("--mod-capacity", type=float, default=0.5,
+                        help="gamma-MoD: fraction of the image and system-prompt tokens a MoD layer processes")
+    parser.add_argument("--mod-system-tokens", type=int, default=0,
+                        help="gamma-MoD: system-prompt tokens among the text tokens (routable like the image)")
+    parser.add_argument("--mod-skip", choices=("layer", "mlp"), default="layer",
+                        help="gamma-MoD: a skipped token skips the whole layer (official) or only the MLP")
+    parser.add_argument("--vision-model", default=None,
+                        help="supplies the vision width d_v (default siglip-so400m-384); without --model: print this "
+                             "encoder's parameters and forward FLOPs per image (e.g. tinyclip-39m)")
     parser.add_argument(
         "--vision-tokens", type=int, default=None, help="N (default: the vision model's feature count, 728)"
     )
@@ -217,12 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     args = parser.parse_args(argv)
 
+    if args.model is None:
+        if args.vision_model is None:
+            parser.error("--model is required (or give --vision-model alone for the encoder's cost)")
+        try:
+            return _print_encoder(args, vision_model_preset(args.vision_model))
+        except ConfigError as e:
+            parser.error(f"--vision-model: {e}")
     try:
         lm = language_model_preset(args.model)
     except ConfigError as e:
         parser.error(f"--model: {e}")
     try:
-        vision = vision_model_preset(args.vision_model)
+        vision = vision_model_preset(args.vision_model or "siglip-so400m-384")
     except ConfigError as e:
         parser.error(f"--vision-model: {e}")
     n = vision.num_features if args.vision_tokens is None else args.vision_tokens
@@ -232,8 +397,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--text-tokens must be >= 0, got {args.text_tokens}")
 
     try:
-        cost = (fastv_cost(lm, n, args.text_tokens, args.fastv_k, args.fastv_r) if args.arch == "fastv" else
-                decoder_cost(lm, args.arch, n, args.text_tokens, vision.hidden_size))
+        if args.arch == "gamma-mod":
+            layers = None
+            if args.mod_layers is not None:
+                try:
+                    layers = tuple(int(i) for i in args.mod_layers.replace(",", " ").split())
+                except ValueError:
+                    parser.error(f"--mod-layers {args.mod_layers!r}: expected comma-separated layer indices")
+            cost = gamma_mod_cost(lm, n, args.text_tokens, layers, args.mod_capacity, args.mod_system_tokens,
+                                  skip=args.mod_skip)
+        elif args.arch == "fastv":
+            cost = fastv_cost(lm, n, args.text_tokens, args.fastv_k, args.fastv_r)
+        else:
+            cost = decoder_cost(lm, args.arch, n, args.text_tokens, vision.hidden_size)
     except ConfigError as e:
         parser.error(str(e))
     if args.json:
@@ -242,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     g = 1e9
     arch = f"fastv K={args.fastv_k} R={args.fastv_r:g}" if args.arch == "fastv" else args.arch
+    if args.arch == "gamma-mod":
+        arch = (f"gamma-mod capacity={args.mod_capacity:g}, {args.mod_system_tokens} system tokens, "
+                f"skipping the {args.mod_skip}")
     print(f"{lm.name} ({arch}), {n} vision + {args.text_tokens} text tokens, d_v={vision.hidden_size}")
     print(f"  decoder params   {cost.params / g:10.3f} B")
     print(f"  forward GFLOPs   {cost.flops / g:10.1f}")

@@ -19,6 +19,9 @@ Core attention is HiMix's: `SDPAttention` in megatron's local GPT spec, TEDotPro
 spec, so a benchmark of the two compares architectures, not kernels. The LM head runs at all N+M positions
 (as in LLaVAModel and transformers' LLaVA, and as the paper's FLOPs count it); cross entropy runs on the
 text positions only.
+
+gamma-MoD (`config.gamma_mod`, model/gamma_mod.py) turns chosen decoder layers into mixture-of-depth layers
+with one shared router, `mod_router`; everything else is this model unchanged.
 """
 
 from __future__ import annotations
@@ -80,8 +83,13 @@ class VanillaLLaVAModel(GPTModel):
     def __init__(self, config: HiMixTransformerConfig, lm: LanguageModelConfig, *, use_te: Optional[bool] = None,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
         self.use_te = choose_spec(config, use_te)
+        spec = vanilla_layer_spec(self.use_te)
+        if config.gamma_mod:
+            from himix_megatron.model.gamma_mod import gamma_mod_layer_spec
+
+            spec = gamma_mod_layer_spec(spec)
         super().__init__(
-            transformer_layer_spec=vanilla_layer_spec(self.use_te),
+            transformer_layer_spec=spec,
             pre_process=pre_process,
             post_process=post_process,
             scatter_embedding_sequence_parallel=False,  # scattered after [image; text] is assembled
@@ -91,10 +99,16 @@ class VanillaLLaVAModel(GPTModel):
         self.vision_projection = None
         if pre_process:
             self.vision_projection = build_connector(config, self.use_te, self.pg_collection.tp)
+        self.mod_router = None
+        if config.gamma_mod:  # every chunk holds a copy (see gamma_mod.py: pipeline parallelism)
+            from himix_megatron.model.gamma_mod import attach_router
+
+            self.mod_router = attach_router(self)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,
-                decoder_input: Optional[Tensor] = None, packed_seq_params: Optional[SegmentParams] = None) -> Tensor:
+                decoder_input: Optional[Tensor] = None, packed_seq_params: Optional[SegmentParams] = None,
+                mod_routable_text: Optional[Tensor] = None) -> Tensor:
         """
         input_ids, position_ids, labels: [b, M] text only (no image placeholder).
         vision_features: [N, b, d_v] raw encoder features, or None for a text-only batch (N = 0).
@@ -102,9 +116,13 @@ class VanillaLLaVAModel(GPTModel):
         packed_seq_params: a packed row (b = 1, data/packing.py); vision_features is then [N, images, d_v] and
             the sequence is [connector(v_1); t_1; connector(v_2); t_2; ...], causal per segment, positions
             restarting in every segment.
+        mod_routable_text: gamma-MoD, [b]: how many leading text tokens (the system prompt) MoD layers may skip
+            in training, besides the image; default: those equal to config.mod_system_prefix.
         Returns per-token loss [b, M] when labels are given, else text logits [b, M, V].
         """
         if packed_seq_params is not None:
+            if self.mod_router is not None:
+                raise NotImplementedError("gamma-MoD does not take packed sequences")
             return self._packed_forward(input_ids, vision_features, labels, decoder_input, packed_seq_params)
         text_len = labels.shape[1] if labels is not None else input_ids.shape[1]
         if self.pre_process and decoder_input is None:
@@ -121,7 +139,17 @@ class VanillaLLaVAModel(GPTModel):
                 raise NotImplementedError("mixed image/text-only batches need the local spec for the vanilla model")
             attention_mask = vanilla_attention_mask(text_len, vision_features.shape[0], image_present)
         self._text_positions = slice(-text_len, None)
-        output = super().forward(None, None, attention_mask, decoder_input=decoder_input, labels=labels)
+        extra = None
+        if self.mod_router is not None and self.training:  # MoD routing mask (gamma_mod.py: context_mask)
+            from himix_megatron.model.gamma_mod import routable_mask, system_prefix_lengths
+
+            length = (decoder_input if self.pre_process else self.decoder.input_tensor).shape[0]
+            if mod_routable_text is None:
+                mod_routable_text = system_prefix_lengths(input_ids, self.config.mod_system_prefix)
+            extra = {"context_mask": routable_mask(input_ids.shape[0], length - text_len, text_len,
+                                                   mod_routable_text, input_ids.device)}
+        output = super().forward(None, None, attention_mask, decoder_input=decoder_input, labels=labels,
+                                 extra_block_kwargs=extra)
         if labels is None and self.post_process:
             return output[:, self._text_positions]
         return output

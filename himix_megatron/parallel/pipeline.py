@@ -16,10 +16,14 @@ price is holding every micro-batch's X_v for the step: 1.68 MB per sample.
 
 The vanilla baseline needs X_v only on the first stage, where the connector turns it into the image
 tokens of the sequence, so it skips the broadcast.
+
+gamma-MoD (model/gamma_mod.py) needs two things around a training step: the aux loss's gradient weight per
+micro-batch, and the sum of the router copies' gradients over the stages; `forward_backward` does both.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Sequence
@@ -181,13 +185,20 @@ def forward_backward(
         return output, partial(_label_token_loss, mb.loss_mask)
 
     iterators = [iter(list(enumerate(microbatches))) for _ in model_chunks]
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=model_chunks,
-        num_microbatches=len(microbatches),
-        seq_length=max(lengths),
-        micro_batch_size=microbatches[0].tokens.shape[0],
-        forward_only=forward_only,
-    )
+    step = nullcontext()
+    if getattr(config, "gamma_mod", False) and not forward_only:
+        from himix_megatron.model import gamma_mod
+
+        # The aux loss's weight per micro-batch, and the router copies' gradient sum over pipeline stages.
+        step = gamma_mod.training_step(model_chunks, microbatches)
+    with step:
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+            model=model_chunks,
+            num_microbatches=len(microbatches),
+            seq_length=max(lengths),
+            micro_batch_size=microbatches[0].tokens.shape[0],
+            forward_only=forward_only,
+        )
     return torch.stack([entry["stats"] for entry in losses]) if losses else None

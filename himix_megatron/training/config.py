@@ -30,6 +30,26 @@ class TrainConfig:
                                                                   "the random tiny ones"})
     stage: str = field(default="finetune", metadata={"choices": STAGES,
                        "help": "pretrain trains the vision parameters only; the others the LM too"})
+    # --- gamma-MoD (--arch vanilla, finetune stage; himix_megatron/model/gamma_mod.py). With --load of a
+    # gamma-MoD checkpoint its settings apply without --gamma-mod; the flags below override them.
+    gamma_mod: bool = field(default=False, metadata={
+        "help": "gamma-MoD: mixture-of-depth layers with a shared router (vanilla arch, not in pretrain)"})
+    mod_layers: Optional[str] = field(default=None, metadata={
+        "help": "gamma-MoD: comma-separated 0-based MoD layers, e.g. 3,4,5 (default: every layer but the first "
+                "three and the last; tools/arank.py ranks them)"})
+    mod_capacity: Optional[float] = field(default=None, metadata={
+        "help": "gamma-MoD: fraction of a sample's image and system-prompt tokens each MoD layer processes in "
+                "training (default 0.5)"})
+    mod_aux_loss_coeff: Optional[float] = field(default=None, metadata={
+        "help": "gamma-MoD: weight of the router's auxiliary loss (default 0.01)"})
+    mod_threshold: Optional[float] = field(default=None, metadata={
+        "help": "gamma-MoD: in evaluation a token is processed iff its router probability exceeds this "
+                "(default 0.005)"})
+    mod_router_bias: bool = field(default=False, metadata={
+        "help": "gamma-MoD: give the router a bias (the official router has none)"})
+    mod_skip: Optional[str] = field(default=None, metadata={"choices": ("layer", "mlp"),
+        "help": "gamma-MoD: what a skipped token skips: the whole layer (default, the official code) or only the MLP "
+                "(attention runs for every token)"})
     # --- parallelism
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -86,6 +106,9 @@ class TrainConfig:
     template: Optional[str] = field(default=None, metadata={"help": "conversation template (default: vicuna_v1)"})
     system_prompt: Optional[str] = field(default=None, metadata={"help": "override the template's system prompt"})
     num_workers: int = 2
+    vision_features: Optional[str] = field(default=None, metadata={
+        "help": "read the vision encoder's cached features NAME (tools/cache_vision_features.py, stored in "
+                "each --data-path directory under features/NAME) instead of encoding the training images"})
     # --- checkpointing
     save: Optional[str] = None
     load: Optional[str] = None
@@ -297,6 +320,105 @@ def default_max_images(packing_seq_length: int) -> int:
     return max(1, packing_seq_length // 128)
 
 
+MOD_FLAGS = ("mod_layers", "mod_capacity", "mod_aux_loss_coeff", "mod_threshold", "mod_router_bias", "mod_skip")
+
+
+def parse_mod_layers(value, num_layers: Optional[int] = None) -> tuple[int, ...]:
+    """`--mod-layers 3,4,5` (or a YAML list) -> (3, 4, 5); checked against the model's layer count if given."""
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    try:
+        layers = tuple(int(i) for i in items)
+    except ValueError:
+        raise ConfigError(f"--mod-layers {value!r}: expected comma-separated layer indices, e.g. 3,4,5") from None
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+        raise ConfigError(f"--mod-layers {value!r}: expected distinct non-negative layer indices")
+    if num_layers is not None and max(layers) >= num_layers:
+        raise ConfigError(f"--mod-layers {value!r}: the model has layers 0..{num_layers - 1}")
+    return tuple(sorted(layers))
+
+
+def _given_mod_flags(cfg: TrainConfig) -> list[str]:
+    return [n for n in MOD_FLAGS if getattr(cfg, n) is not None and getattr(cfg, n) is not False]
+
+
+def check_gamma_mod_flags(cfg: TrainConfig) -> None:
+    """What can be refused before a checkpoint is read."""
+    given = _given_mod_flags(cfg)
+    if not cfg.gamma_mod:
+        if given and cfg.load is None:
+            raise ConfigError(f"{_flag(given[0])} needs --gamma-mod")
+        return
+    if cfg.load is None and cfg.arch != "vanilla":
+        raise ConfigError(f"--gamma-mod needs --arch vanilla (got --arch {cfg.arch}): MoD layers skip image tokens "
+                          "of the vanilla sequence")
+    check_gamma_mod_training(cfg, "--gamma-mod")
+    if cfg.mod_layers is not None:
+        parse_mod_layers(cfg.mod_layers)
+    _check_mod_values(cfg)
+
+
+def check_gamma_mod_training(cfg: TrainConfig, what: str) -> None:
+    if cfg.stage == "pretrain":
+        raise ConfigError(f"{what}: gamma-MoD trains in the finetune stage (its router and MoD layers are LM "
+                          "parameters, frozen in pretrain); use --stage finetune")
+    if cfg.packing_seq_length is not None:
+        raise ConfigError(f"{what} does not support --packing-seq-length (MoD routes within one sample's sequence)")
+    if cfg.sequence_parallel:
+        raise ConfigError(f"{what} does not support --sequence-parallel (routing picks tokens over the whole "
+                          "sequence)")
+    if cfg.fp8_format is not None:
+        raise ConfigError(f"{what} does not support --fp8-format (a MoD layer's routed token count is not a "
+                          "multiple of 8)")
+
+
+def _check_mod_values(cfg: TrainConfig) -> None:
+    if cfg.mod_capacity is not None and not 0 < cfg.mod_capacity <= 1:
+        raise ConfigError(f"--mod-capacity {cfg.mod_capacity} must be in (0, 1]")
+    if cfg.mod_aux_loss_coeff is not None and cfg.mod_aux_loss_coeff < 0:
+        raise ConfigError(f"--mod-aux-loss-coeff {cfg.mod_aux_loss_coeff} must be >= 0")
+    if cfg.mod_threshold is not None and not 0 <= cfg.mod_threshold < 1:
+        raise ConfigError(f"--mod-threshold {cfg.mod_threshold} must be in [0, 1)")
+
+
+def gamma_mod_settings(cfg: TrainConfig, arch: str, num_layers: int, recorded: Optional[dict]) -> Optional[dict]:
+    """The gamma-MoD TransformerConfig overrides for this run, or None for a dense model.
+
+    recorded: the gamma-MoD record of the checkpoint being loaded (`train_state["gamma_mod"]`), if any; its
+    settings apply, and the flags given override them.
+    """
+    from himix_megatron.model.gamma_mod import config_overrides
+
+    given = _given_mod_flags(cfg)
+    if not cfg.gamma_mod and recorded is None:
+        if given:
+            raise ConfigError(f"{_flag(given[0])} needs --gamma-mod (the checkpoint is not a gamma-MoD model)")
+        return None
+    what = "--gamma-mod" if cfg.gamma_mod else f"the gamma-MoD checkpoint {cfg.load}"
+    if arch != "vanilla":
+        raise ConfigError(f"--gamma-mod needs a vanilla model; --load {cfg.load} holds arch {arch}")
+    check_gamma_mod_training(cfg, what)
+    _check_mod_values(cfg)
+    settings = config_overrides(recorded or {})
+    if cfg.mod_layers is not None:
+        settings["mod_layers"] = parse_mod_layers(cfg.mod_layers, num_layers)
+    elif settings.get("mod_layers") is not None:
+        settings["mod_layers"] = parse_mod_layers(settings["mod_layers"], num_layers)
+    else:
+        from himix_megatron.config import default_mod_layers
+
+        if not default_mod_layers(num_layers):
+            raise ConfigError(f"--gamma-mod: a {num_layers}-layer model has no default MoD layer (every layer but "
+                              "the first three and the last); give --mod-layers")
+    for name in ("mod_capacity", "mod_aux_loss_coeff", "mod_threshold", "mod_skip"):
+        if getattr(cfg, name) is not None:
+            settings[name] = getattr(cfg, name)
+    if cfg.mod_router_bias:
+        if recorded is not None and not recorded.get("mod_router_bias", False):
+            raise ConfigError(f"--mod-router-bias: the checkpoint {cfg.load}'s router has no bias")
+        settings["mod_router_bias"] = True
+    return settings
+
+
 def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) -> None:
     """Refuse impossible settings before any compute. Raises ConfigError naming the flag."""
     model_parallel = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
@@ -316,6 +438,7 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
     if not cfg.data_path:
         raise ConfigError("--data-path is required")
     check_packing(cfg, dp)
+    check_gamma_mod_flags(cfg)
     if cfg.fp8_format is not None:
         if not (cuda and te_available):
             raise ConfigError(f"--fp8-format {cfg.fp8_format} needs Transformer Engine on a GPU; this machine has "

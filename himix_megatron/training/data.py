@@ -17,6 +17,7 @@ import torch
 from himix_megatron import platform
 from himix_megatron.config import ConfigError, LanguageModelConfig
 from himix_megatron.data import DatasetSpec, ImageConfig, LoaderConfig, ShardLoader, TemplateConfig, load_tokenizer
+from himix_megatron.data.features import FeatureStore, expected_description
 from himix_megatron.data.packing import ROW_MULTIPLE, PackingConfig, extend_segments
 from himix_megatron.parallel.pipeline import MicroBatch
 from himix_megatron.training.config import TrainConfig, packing_max_images, parse_data_path
@@ -89,14 +90,34 @@ def packing_config(cfg: TrainConfig, vision_tokens: int) -> Optional[PackingConf
                          row_multiple(cfg))
 
 
+def vision_feature_store(cfg: TrainConfig, vision, encoder) -> Optional[FeatureStore]:
+    """--vision-features: the cached features of every --data-path directory, checked against this run's
+    encoder (on the first pipeline stage, which holds it) and preprocessing."""
+    if cfg.vision_features is None:
+        return None
+    dirs = [d for spec in _specs(cfg.data_path, "--data-path") for d in spec.paths]
+    expected = expected_description(vision, ImageConfig(size=vision.image_size), encoder=encoder)
+    return FeatureStore(cfg.vision_features, dirs, expected)
+
+
 def build_train_loader(run) -> ShardLoader:
     rank, world = _data_parallel()
     cfg = run.cfg
     packing = packing_config(cfg, run.description.vision.num_features)
-    return ShardLoader(loader_config(cfg, run.template, run.description.vision.image_size,
-                                     num_samples=run.train_iters * run.global_batch_size, packing=packing,
-                                     group=run.global_batch_size // world),
-                       run.tokenizer, rank=rank, world_size=world)
+    loader_cfg = loader_config(cfg, run.template, run.description.vision.image_size,
+                               num_samples=run.train_iters * run.global_batch_size, packing=packing,
+                               group=run.global_batch_size // world)
+    features = vision_feature_store(cfg, run.description.vision, run.encoder)
+    if features is not None:
+        loader_cfg = replace(loader_cfg, vision_features=features)
+    return ShardLoader(loader_cfg, run.tokenizer, rank=rank, world_size=world)
+
+
+def cached_features_encoder(cfg: TrainConfig):
+    """What takes the encoder's place with --vision-features: the loader's [b, N, d_v] -> [N, b, d_v], in the
+    dtype the encoder would have produced (the run's parameter dtype)."""
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    return lambda features: features.transpose(0, 1).to(dtype).contiguous()
 
 
 def build_valid_loader(run, paths: list, eval_iters: Optional[int]) -> ShardLoader:

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,7 +42,13 @@ from himix_megatron.checkpoint import (
 from himix_megatron.config import ConfigError, ParallelConfig, language_model_preset, vision_model_preset
 from himix_megatron.parallel.pipeline import forward_backward
 from himix_megatron.training import data as training_data
-from himix_megatron.training.config import TrainConfig, check, check_fp8_vision, packing_max_images
+from himix_megatron.training.config import (
+    TrainConfig,
+    check,
+    check_fp8_vision,
+    gamma_mod_settings,
+    packing_max_images,
+)
 from himix_megatron.training.metrics import MetricsLogger, detect_peak_flops
 from himix_megatron.training.optimizer import apply_stage, build_optimizer, wrap_ddp
 
@@ -72,6 +79,8 @@ class Run:
     consumed_samples: int = 0
     resume_loader_state: Optional[dict] = None
     carried_files: Optional[dict] = None  # checkpoint files that every later save copies forward
+    gamma_mod: Optional[dict] = None  # gamma-MoD: the checkpoint record (model/gamma_mod.py), None for dense
+    mod_system_tokens: int = 0  # gamma-MoD: the template's system-header tokens, routable like the image
 
 
 def _has_checkpoint(path: Optional[str]) -> bool:
@@ -120,6 +129,14 @@ def setup(cfg: TrainConfig) -> Run:
     tokenizer = training_data.load_tokenizer_checked(tokenizer_dir, description.language)
 
     overrides = dict(calculate_per_token_loss=True)
+    recorded = read_metadata(checkpoint)["train_state"].get("gamma_mod") if checkpoint is not None else None
+    mod = gamma_mod_settings(cfg, description.arch, description.language.num_layers, recorded)
+    system_header = ()
+    if mod is not None:
+        from himix_megatron.model.gamma_mod import system_header_ids
+
+        system_header = system_header_ids(tokenizer, template, cfg.system_prompt)
+        overrides.update(mod, mod_system_prefix=system_header)
     if cfg.recompute_granularity:
         overrides.update(recompute_granularity=cfg.recompute_granularity)
         if cfg.recompute_granularity == "full":
@@ -145,6 +162,10 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer, scheduler = build_optimizer(chunks, cfg, train_iters)
     run = Run(cfg, description, chunks, encoder, optimizer, scheduler, tokenizer, tokenizer_dir, template,
               train_iters, gbs, gbs // (cfg.micro_batch_size * dp))
+    if mod is not None:
+        from himix_megatron.model.gamma_mod import checkpoint_record
+
+        run.gamma_mod, run.mod_system_tokens = checkpoint_record(config), len(system_header)
     if launch.rank == 0:
         batches = (f"packed into rows of <= {cfg.packing_seq_length} text tokens, <= {packing_max_images(cfg)} images"
                    if cfg.packing_seq_length else
@@ -154,8 +175,18 @@ def setup(cfg: TrainConfig) -> Run:
               f"stage {cfg.stage}, TP={parallel.tensor_model_parallel_size} PP={parallel.pipeline_model_parallel_size}"
               f" DP={dp}, {trainable:,} trainable parameters, {train_iters} iterations of {gbs} samples "
               f"({batches})", flush=True)
+        if run.gamma_mod is not None:
+            print(f"gamma-MoD: MoD layers {run.gamma_mod['mod_layers']}, capacity {run.gamma_mod['mod_capacity']} "
+                  f"of the image + {run.mod_system_tokens} system-prompt tokens, aux loss x "
+                  f"{run.gamma_mod['mod_aux_loss_coeff']}, inference threshold {run.gamma_mod['mod_threshold']}, "
+                  f"a skipped token skips the {run.gamma_mod['mod_skip']}",
+                  flush=True)
     if checkpoint is not None:
         _load(run, checkpoint)
+    if run.gamma_mod is not None:
+        from himix_megatron.model.gamma_mod import broadcast_router
+
+        broadcast_router(run.chunks)  # a fresh router is initialised differently on each pipeline stage
     return run
 
 
@@ -164,10 +195,20 @@ def _load(run: Run, checkpoint: str) -> None:
     meta = read_metadata(checkpoint)
     same_stage = meta["train_state"].get("stage") == cfg.stage
     model_only = cfg.finetune or not same_stage or "optimizer" not in meta["contents"]
-    result = load_checkpoint(checkpoint, run.chunks, encoder=run.encoder,
-                             optimizer=None if model_only or cfg.no_load_optim else run.optimizer,
-                             scheduler=None if model_only else run.scheduler,
-                             load_rng=not (model_only or cfg.no_load_rng))
+    fresh_router = nullcontext()
+    if run.gamma_mod is not None and not _has_router(checkpoint):
+        # A dense vanilla checkpoint (the usual start: gamma-MoD adapts a trained LLaVA in finetuning).
+        if not model_only:
+            raise ConfigError(f"--gamma-mod: {checkpoint} is a dense model of this stage, whose optimizer state has "
+                              "no router; load its weights only with --finetune")
+        from himix_megatron.model.gamma_mod import router_absent
+
+        fresh_router = router_absent(run.chunks)
+    with fresh_router:
+        result = load_checkpoint(checkpoint, run.chunks, encoder=run.encoder,
+                                 optimizer=None if model_only or cfg.no_load_optim else run.optimizer,
+                                 scheduler=None if model_only else run.scheduler,
+                                 load_rng=not (model_only or cfg.no_load_rng))
     run.carried_files = carried_files(result["dir"])
     if not model_only:
         run.iteration = result["iteration"]
@@ -176,6 +217,12 @@ def _load(run: Run, checkpoint: str) -> None:
     if torch.distributed.get_rank() == 0:
         what = "weights only, starting at iteration 0" if model_only else f"resuming at iteration {run.iteration}"
         print(f"loaded {result['dir']} ({', '.join(result['loaded'])}): {what}", flush=True)
+
+
+def _has_router(checkpoint: str) -> bool:
+    from megatron.core import dist_checkpointing
+
+    return any(key.endswith("mod_router.weight") for key in dist_checkpointing.load_tensors_metadata(checkpoint))
 
 
 def _save(run: Run, loader, async_saves=None) -> None:
@@ -199,7 +246,8 @@ def _save(run: Run, loader, async_saves=None) -> None:
         cfg.save, run.chunks, run.description, iteration=iteration, encoder=run.encoder,
         optimizer=run.optimizer, scheduler=run.scheduler,
         train_state={"stage": cfg.stage, "consumed_samples": run.consumed_samples,
-                     "train_iters": run.train_iters, "template": run.template},
+                     "train_iters": run.train_iters, "template": run.template,
+                     **({"gamma_mod": run.gamma_mod} if run.gamma_mod is not None else {})},
         rank_state={"loader": loader.state_dict()}, tokenizer_dir=_tokenizer_files(run.tokenizer_dir),
         extra_files=run.carried_files, optimizer_format=cfg.ckpt_optimizer_format,
         async_saves=async_saves, on_complete=complete,
@@ -265,6 +313,21 @@ def _reduce_step_stats(stats: Optional[torch.Tensor], microbatches, flops_of) ->
     return dict(zip(STEP_STATS, values.tolist()))
 
 
+def _reduce_mod_aux_loss(run: Run) -> float:
+    """gamma-MoD's aux loss of the step (in the objective besides the LM loss): coeff x the router cross
+    entropies summed over MoD layers, averaged over the global batch's micro-batches. Every stage computes its
+    own layers' terms; TP ranks compute the same ones, so TP rank 0 counts them."""
+    from megatron.core import parallel_state
+
+    from himix_megatron.model.gamma_mod import pop_aux_loss
+
+    local = pop_aux_loss(run.chunks)
+    value = torch.tensor([local if parallel_state.get_tensor_model_parallel_rank() == 0 else 0.0],
+                         dtype=torch.float64, device=platform.device())
+    torch.distributed.all_reduce(value)
+    return float(value) / (run.num_microbatches * parallel_state.get_data_parallel_world_size())
+
+
 def _poison_gradients(chunks) -> None:
     """--inject-nan-at: what a numerical blow-up looks like to the step (testing aid)."""
     for chunk in chunks:
@@ -277,8 +340,11 @@ def train_step(run: Run, microbatches, inject_nan: bool = False, flops_of=lambda
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    stats = forward_backward(run.chunks, microbatches, run.encoder, vision_tokens=run.description.vision.num_features)
+    encode = training_data.cached_features_encoder(run.cfg) if run.cfg.vision_features else run.encoder
+    stats = forward_backward(run.chunks, microbatches, encode, vision_tokens=run.description.vision.num_features)
     reduced = _reduce_step_stats(stats, microbatches, flops_of)
+    if run.gamma_mod is not None:
+        reduced["mod_aux_loss"] = _reduce_mod_aux_loss(run)
     if inject_nan:
         reduced["loss_sum"] = math.nan
         _poison_gradients(run.chunks)
@@ -296,7 +362,7 @@ def train_step(run: Run, microbatches, inject_nan: bool = False, flops_of=lambda
 
 def train(cfg: TrainConfig) -> dict:
     """Run the configured training; returns the final metrics (rank 0's view)."""
-    from himix_megatron.flops import training_flops
+    from himix_megatron.flops import gamma_mod_training_flops, training_flops
     from himix_megatron.training import evaluate as evaluation
 
     run = setup(cfg)
@@ -307,6 +373,12 @@ def train(cfg: TrainConfig) -> dict:
 
     @functools.lru_cache(maxsize=None)
     def flops_of(text_length: int) -> float:  # one sample's model FLOPs at its real length
+        if run.gamma_mod is not None:  # MoD layers at their training capacity
+            return gamma_mod_training_flops(
+                description.language, description.vision.num_features, text_length, cfg.stage,
+                mod_layers=run.gamma_mod["mod_layers"], capacity=run.gamma_mod["mod_capacity"],
+                system_tokens=run.mod_system_tokens, router_bias=run.gamma_mod["mod_router_bias"],
+                skip=run.gamma_mod["mod_skip"])
         return training_flops(description.language, description.arch, description.vision.num_features, text_length,
                               cfg.stage, description.vision.hidden_size)
 
@@ -317,6 +389,7 @@ def train(cfg: TrainConfig) -> dict:
         tensorboard_dir=cfg.tensorboard_dir, progress=cfg.progress, log_interval=cfg.log_interval)
     batches = training_data.step_stream(run, loader)
     bad_in_a_row, result, history = 0, {}, []
+    mod_aux_window = []  # gamma-MoD: the aux loss of the steps since the last log line
     stop = min(run.train_iters, cfg.exit_interval or run.train_iters)
     if cfg.save:
         start_checkpoint_helpers()
@@ -332,6 +405,9 @@ def train(cfg: TrainConfig) -> dict:
         if async_saves is not None:
             async_saves.finish(blocking=False)  # completes the save in flight once every rank's writer is done
         history.append({"iteration": run.iteration, "loss": loss, "grad_norm": grad_norm, "skipped": skipped})
+        if "mod_aux_loss" in reduced:  # logged apart from the LM loss, which `loss` stays
+            history[-1]["mod_aux_loss"] = reduced["mod_aux_loss"]
+            mod_aux_window.append(reduced["mod_aux_loss"])
         if skipped:
             metrics.print(f"iteration {run.iteration}: loss {loss} / grad norm {grad_norm} is not finite; "
                           f"step skipped ({bad_in_a_row} in a row)")
@@ -340,6 +416,12 @@ def train(cfg: TrainConfig) -> dict:
                      model_flops=reduced["model_flops"], computed_tokens=int(reduced["computed_tokens"]),
                      rows=int(reduced["rows"]), grad_norm=grad_norm, skipped=skipped,
                      lr=run.optimizer.param_groups[0]["lr"], data_skipped=loader.stats()["skipped"])
+        if mod_aux_window and run.iteration % cfg.log_interval == 0:
+            mean = sum(mod_aux_window) / len(mod_aux_window)
+            metrics.print(f"iteration {run.iteration:6d} | gamma-MoD aux loss {mean:.4f} (in the objective besides "
+                          f"the LM loss above, averaged over the last {len(mod_aux_window)} steps)")
+            metrics.scalar("train/mod_aux_loss", mean, run.iteration)
+            mod_aux_window = []
         if bad_in_a_row >= cfg.max_bad_steps:
             if cfg.save:
                 _save(run, loader, async_saves)
