@@ -431,8 +431,9 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], *, e
         raise CheckpointError(f"{iter_dir}: holds no vision encoder weights")
 
     state = _model_state(model_chunks, encoder)
-    # Checkpoints from before the spec was recorded were all saved with the local spec.
-    extra_state_missing = meta.get("spec", "local") == "local" and _spec(model_chunks) == "te"
+    # Checkpoints from before the spec was recorded were all saved with the local spec. (No chunks: only the
+    # encoder is loaded, as tools/cache_vision_features.py does, with the local spec.)
+    extra_state_missing = meta.get("spec", "local") == "local" and bool(model_chunks) and _spec(model_chunks) == "te"
     if extra_state_missing:
         state, _ = without_extra_state(state)
     loaded = sorted(state)

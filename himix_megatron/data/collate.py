@@ -29,6 +29,17 @@ class CollateConfig:
     pad_to: Literal["seq_length", "longest"] = "seq_length"
     pad_multiple: int = 1
     image_size: int = 384
+    # Cached vision features instead of pixels (data/features.py): each image is then [N, d_v] of this dtype.
+    feature_shape: Optional[tuple[int, int]] = None
+    feature_dtype: Optional[torch.dtype] = None
+
+    @property
+    def image_shape(self) -> tuple:
+        return self.feature_shape or (3, self.image_size, self.image_size)
+
+    @property
+    def image_dtype(self) -> torch.dtype:
+        return self.feature_dtype or torch.float32
 
 
 @dataclass
@@ -37,7 +48,7 @@ class Sample:
 
     ids: np.ndarray  # int64, at most seq_length + 1 tokens
     targets: np.ndarray  # bool, same length
-    image: Optional[Union[np.ndarray, torch.Tensor]]  # float32 [3, S, S]; None for text-only
+    image: Optional[Union[np.ndarray, torch.Tensor]]  # float32 [3, S, S] or cached features [N, d_v]; None: none
     sample_id: str
     meta: dict = field(default_factory=dict)
 
@@ -53,7 +64,7 @@ def collate(samples: Sequence[Sample], cfg: CollateConfig) -> dict:
     tokens = torch.full((b, width), cfg.pad_id, dtype=torch.long)
     labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
     loss_mask = torch.zeros((b, width), dtype=torch.float32)
-    shape = (3, cfg.image_size, cfg.image_size)
+    shape = cfg.image_shape
     rows = []  # stacked once at the end: no zero-fill of the whole batch before copying into it
     has_image = torch.zeros(b, dtype=torch.bool)
     for row, s in enumerate(samples):
@@ -70,7 +81,7 @@ def collate(samples: Sequence[Sample], cfg: CollateConfig) -> dict:
             rows.append(image)
             has_image[row] = True
         else:
-            rows.append(torch.zeros(shape))  # text-only: has_image False; the model adds no vision keys
+            rows.append(torch.zeros(shape, dtype=cfg.image_dtype))  # text-only: has_image False; the model adds no vision keys
     images = torch.stack(rows)
     return {
         "tokens": tokens,

@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from himix_megatron.data.collate import CollateConfig, Sample, collate
+from himix_megatron.data.features import FeatureStore
 from himix_megatron.data.image import ImageConfig, load_and_preprocess, normalize
 from himix_megatron.data.packing import PackingConfig, pack
 from himix_megatron.data.records import DataError, SampleError, parse_conversation
@@ -103,6 +104,8 @@ class LoaderConfig:
     # consecutive samples of the rank stream, so the state stays exact at every yield.
     packing: Optional[PackingConfig] = None
     blend_chunk: int = 10000
+    # Cached encoder outputs (data/features.py) read instead of the images: samples then carry [N, d_v].
+    vision_features: Optional[FeatureStore] = None
 
     def __post_init__(self):
         if not self.datasets:
@@ -121,19 +124,26 @@ class SampleEncoder:
     """Shard sample -> `Sample` (tokens, trained flags, preprocessed image). Runs in loader workers."""
 
     def __init__(self, tokenizer: Tokenizer, template: TemplateConfig, image: ImageConfig, seq_length: int,
-                 *, normalize: bool = True):
+                 *, normalize: bool = True, features: Optional[FeatureStore] = None):
         self.tokenizer, self.template, self.image, self.seq_length = tokenizer, template, image, seq_length
+        self.features = features
         # Loader workers normalise straight into the shared-memory chunk tensor instead (_Chunk.pack).
         self.normalize = normalize
 
-    def __call__(self, s: ShardSample, where: str) -> Optional[Sample]:
+    def __call__(self, s: ShardSample, where: str, shard: Optional[str] = None, index: int = 0) -> Optional[Sample]:
         has_image = s.image is not None
         conv = parse_conversation(s.record.get("conversations"), has_image=has_image)
         enc = truncate(encode_conversation(conv, self.tokenizer, self.template), self.seq_length + 1)
         if enc is None:
             return None
-        image = (load_and_preprocess(s.image, self.image, what=f"{where} image", normalized=self.normalize)
-                 if has_image else None)
+        if self.features is not None:
+            image = self.features.read(shard, index, s.key)
+            if (image is not None) != has_image:
+                raise DataError(f"{where}: the cached features say the sample has {'an' if image is not None else 'no'}"
+                                " image, the shard says otherwise")
+        else:
+            image = (load_and_preprocess(s.image, self.image, what=f"{where} image", normalized=self.normalize)
+                     if has_image else None)
         meta = s.record.get("meta")
         return Sample(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.targets, dtype=bool), image,
                       str(s.record.get("id")), meta if isinstance(meta, dict) else {})
@@ -159,7 +169,12 @@ class _Chunk:
     def pack(self, cfg: ImageConfig) -> "_Chunk":
         """Normalise the samples' uint8 pixels into one float tensor; samples keep their row number."""
         samples = [it.sample for it in self.items if it.status == "ok" and it.sample.image is not None]
-        if samples:
+        if samples and isinstance(samples[0].image, torch.Tensor):  # cached features [N, d_v]
+            features = torch.stack([s.image for s in samples])
+            self.images = features.share_memory_() if get_worker_info() is not None else features
+            for row, s in enumerate(samples):
+                s.image = row
+        elif samples:
             shape = (len(samples), 3, cfg.size, cfg.size)
             self.images = _shared_empty(shape) if get_worker_info() is not None else torch.empty(shape)
             rows = self.images.numpy()
@@ -228,7 +243,7 @@ class _ChunkStream(IterableDataset):
         shard, j = self.data.locate(d, i)
         where = f"{shard.path} sample {j}"
         try:
-            sample = self.encoder(self.reader.read(shard, j), where)
+            sample = self.encoder(self.reader.read(shard, j), where, shard.path, j)
         except SampleError as e:
             return _Item("skip", shard=shard.path, reason=e.reason, detail=str(e))
         if sample is None:
@@ -280,9 +295,13 @@ class ShardLoader:
         self.data = _Dataset(cfg.datasets)
         self.order = SampleOrder(self.data.sizes, self._weights(), seed=cfg.seed, shuffle=cfg.shuffle,
                                  chunk=cfg.blend_chunk)
-        self.encoder = SampleEncoder(tokenizer, cfg.template, cfg.image, cfg.seq_length, normalize=False)
+        self.encoder = SampleEncoder(tokenizer, cfg.template, cfg.image, cfg.seq_length, normalize=False,
+                                     features=cfg.vision_features)
+        features = cfg.vision_features
         self.collate_cfg = CollateConfig(cfg.seq_length, tokenizer.pad_id, cfg.pad_to, cfg.pad_multiple,
-                                         image_size=cfg.image.size)
+                                         image_size=cfg.image.size,
+                                         feature_shape=None if features is None else features.shape,
+                                         feature_dtype=None if features is None else features.dtype)
         self.position = 0
         self.counters = _Counters()
         self._warned: set[str] = set()

@@ -191,12 +191,12 @@ def pack_row(samples: Sequence[Sample], collate_cfg: CollateConfig, vision_token
     cat = lambda key, fill, dtype: torch.cat(  # noqa: E731
         [p[key][0] for p in parts] + [torch.full((pad,), fill, dtype=dtype)])[None]
     images = [p["images"][0] for p, v in zip(parts, flags) if v]
-    shape = (0, 3, collate_cfg.image_size, collate_cfg.image_size)
+    shape = (0, *collate_cfg.image_shape)
     return {
         "tokens": cat("tokens", collate_cfg.pad_id, torch.long),
         "labels": cat("labels", -100, torch.long),
         "loss_mask": cat("loss_mask", 0.0, torch.float32),
-        "images": torch.stack(images) if images else torch.empty(shape),
+        "images": torch.stack(images) if images else torch.empty(shape, dtype=collate_cfg.image_dtype),
         "has_image": torch.tensor(flags, dtype=torch.bool),
         "lengths": torch.tensor(lengths, dtype=torch.long),  # per sample: real text tokens
         "segments": segment_params(seg_lengths, seg_images, vision_tokens),
