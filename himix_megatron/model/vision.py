@@ -1,7 +1,15 @@
-"""The frozen SigLIP vision encoder (so400m-patch14-384) on megatron-core's `CLIPViTModel`.
+"""The frozen vision encoder on megatron-core's `CLIPViTModel`: SigLIP (so400m-patch14-384) or CLIP.
 
-HiMix consumes the **penultimate** layer's output, without the post-layernorm, first patch dropped:
+HiMix consumes the **penultimate** layer's output, without the post-layernorm, first token dropped:
 [N, b, d_v] = [728, b, 1152] for SigLIP-384, sequence-first like every megatron activation.
+
+- SigLIP (`VisionModelConfig.kind == "siglip"`, model_subtype "siglip"): no class token, the first
+  *patch* is dropped (N = patches - 1), gelu(tanh).
+- CLIP (`kind == "clip"`, model_subtype "clip": class token, bias-free patch conv, pre-LayerNorm
+  `ln_pre`): LLaVA's feature selection, hidden_states[-2][:, 1:], i.e. the class token is dropped and
+  every patch kept (N = patches: 576 for ViT-L/14-336, 196 / 49 for TinyCLIP ViT-39M/16 / -40M/32).
+  The activation follows the HF config's `hidden_act` (OpenAI CLIP: quick_gelu; TinyCLIP: gelu).
+  `load_hf_clip_state_dict` reads a `CLIPVisionModel` or a `CLIPModel`'s vision tower.
 
 Choices:
 - Penultimate layer: the encoder is built with `num_layers - 1` layers and no `ln_post`, so its
@@ -53,6 +61,20 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's activation (`quick_gelu` in transformers): x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """Exact (erf) GELU, `gelu` in transformers (open_clip's nn.GELU, e.g. TinyCLIP)."""
+    return F.gelu(x)
+
+
+# transformers' hidden_act name -> the function the encoder's MLP applies.
+ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "quick_gelu": quick_gelu, "gelu": gelu}
+
+
 def build_vision_config(
     vision: VisionModelConfig,
     parallel: ParallelConfig = ParallelConfig(),
@@ -60,7 +82,7 @@ def build_vision_config(
     params_dtype: torch.dtype = torch.float32,
     **overrides,
 ) -> TransformerConfig:
-    """TransformerConfig for the first `num_layers - 1` SigLIP layers, sharded over `parallel`'s TP."""
+    """TransformerConfig for the first `num_layers - 1` encoder layers, sharded over `parallel`'s TP."""
     tp = parallel.tensor_model_parallel_size
     if vision.num_layers < 2:
         raise ConfigError(f"{vision.name}: num_layers={vision.num_layers}; the penultimate layer needs >= 2")
@@ -82,7 +104,7 @@ def build_vision_config(
         normalization="LayerNorm",
         layernorm_epsilon=vision.norm_epsilon,
         gated_linear_unit=False,
-        activation_func=gelu_tanh,
+        activation_func=ACTIVATIONS[vision.hidden_act],
         add_bias_linear=True,
         add_qkv_bias=True,
         hidden_dropout=0.0,
@@ -139,22 +161,27 @@ def vision_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
 
 
 class VisionEncoder(CLIPViTModel):
-    """Frozen SigLIP: `forward(pixel_values [b, 3, H, W]) -> features [N, b, d_v]` (full on every TP rank)."""
+    """Frozen SigLIP or CLIP: `forward(pixel_values [b, 3, H, W]) -> features [N, b, d_v]` (full on every TP rank)."""
 
     def __init__(self, config: TransformerConfig, vision: VisionModelConfig, spec: Optional[ModuleSpec] = None):
         grid = vision.image_size // vision.patch_size * vision.patch_size
+        if vision.kind == "clip":
+            if grid != vision.image_size:
+                raise ConfigError(f"{vision.name}: CLIP needs image_size={vision.image_size} to be a multiple of "
+                                  f"patch_size={vision.patch_size} (its position embeddings cover whole patches)")
+            kind = dict(ln_pre_impl=WrappedTorchNorm, add_class_token=True, class_token_len=1, model_subtype="clip")
+        else:
+            kind = dict(ln_post_impl=IdentityOp,  # hidden_states[-2] has no post-layernorm
+                        add_class_token=False, class_token_len=0, model_subtype="siglip")
         super().__init__(
             config,
             spec or vision_layer_spec(),
-            ln_post_impl=IdentityOp,  # hidden_states[-2] has no post-layernorm
-            add_class_token=False,
-            class_token_len=0,
             patch_dim=vision.patch_size,
             # CLIPViTModel wants a whole number of patches; SigLIP-384's stride-14 'valid' conv reads
             # 27 x 27 patches and ignores the last 384 - 378 = 6 pixel rows and columns, as in HF.
             img_h=grid,
             img_w=grid,
-            model_subtype="siglip",
+            **kind,
         )
         self.vision = vision
         self.requires_grad_(False)
@@ -169,7 +196,8 @@ class VisionEncoder(CLIPViTModel):
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(f"pixel_values must be [b, 3, {size}, {size}], got {tuple(pixel_values.shape)}")
         x = super().forward(pixel_values.to(self.conv1.weight.dtype), attention_mask)  # [b, s, h]
-        return x[:, 1:].transpose(0, 1).contiguous()  # drop the first patch -> [N, b, h]
+        # SigLIP: drop the first patch; CLIP: drop the class token (it comes first) -> [N, b, h]
+        return x[:, 1:].transpose(0, 1).contiguous()
 
 
 # --- Hugging Face weights ---------------------------------------------------------------------
@@ -189,12 +217,13 @@ _FROM_TE = {f"{linear}.layer_norm_{kind}": f"{norm}.{kind}" for kind in ("weight
                                  ("pre_mlp_layernorm", "mlp.linear_fc1"))}
 
 
-def _vision_prefix(hf_state_dict: Mapping[str, Tensor]) -> str:
-    """'' for SiglipVisionModel, 'vision_model.' inside SiglipModel, '...vision_tower.' inside a VLM."""
+def _vision_prefix(hf_state_dict: Mapping[str, Tensor], what: str = "SigLIP") -> str:
+    """'' for SiglipVisionModel, 'vision_model.' inside SiglipModel, '...vision_tower.' inside a VLM
+    (likewise for CLIP: '' or 'vision_model.' for CLIPVisionModel, 'vision_model.' inside CLIPModel)."""
     prefixes = sorted(k[: -len(_PATCH_KEY)] for k in hf_state_dict if k.endswith(_PATCH_KEY))
     if len(prefixes) != 1:
         raise HFWeightError(
-            f"expected exactly one SigLIP vision tower ('*{_PATCH_KEY}') in the state dict, found {prefixes or 'none'}"
+            f"expected exactly one {what} vision tower ('*{_PATCH_KEY}') in the state dict, found {prefixes or 'none'}"
         )
     return prefixes[0]
 
@@ -216,7 +245,32 @@ def load_hf_siglip_state_dict(encoder: VisionEncoder, hf_state_dict: Mapping[str
     (per query group: the group's q heads, then its k, then its v) and every tensor-parallel
     parameter receives this rank's slice.
     """
-    prefix = _vision_prefix(hf_state_dict)
+    return _load_hf_vision(encoder, hf_state_dict, "SigLIP")
+
+
+def load_hf_clip_state_dict(encoder: VisionEncoder, hf_state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Copy `transformers` CLIP vision weights (a `CLIPVisionModel`, or the `vision_model.*` tower of a
+    `CLIPModel` / a LLaVA checkpoint) into a kind="clip" `encoder`; returns the unused HF vision keys.
+
+    As for SigLIP, layers 0..L-2 are loaded and the last layer and `post_layernorm` come back unused
+    (a CLIPModel's `visual_projection`, outside the tower, is ignored). Besides the layers: the class
+    embedding ([d] in HF, [1, 1, d] in megatron), the bias-free patch conv, the position embeddings
+    (class token first) and `pre_layrnorm` (sic, transformers' name) -> `ln_pre`.
+    """
+    if encoder.vision.kind != "clip":
+        raise HFWeightError(f"{encoder.vision.name} is a {encoder.vision.kind!r} encoder, not a CLIP one")
+    return _load_hf_vision(encoder, hf_state_dict, "CLIP")
+
+
+def load_hf_vision_state_dict(encoder: VisionEncoder, hf_state_dict: Mapping[str, Tensor]) -> list[str]:
+    """`load_hf_clip_state_dict` or `load_hf_siglip_state_dict`, as `encoder.vision.kind` says."""
+    if encoder.vision.kind == "clip":
+        return load_hf_clip_state_dict(encoder, hf_state_dict)
+    return load_hf_siglip_state_dict(encoder, hf_state_dict)
+
+
+def _load_hf_vision(encoder: VisionEncoder, hf_state_dict: Mapping[str, Tensor], what: str) -> list[str]:
+    prefix = _vision_prefix(hf_state_dict, what)
     config = encoder.config
     groups, head_dim = config.num_query_groups, config.kv_channels
     used: set[str] = set()
@@ -239,6 +293,10 @@ def load_hf_siglip_state_dict(encoder: VisionEncoder, hf_state_dict: Mapping[str
             return take("embeddings.patch_embedding." + name.split(".")[-1], shape)
         if name == "position_embeddings.weight":
             return take("embeddings.position_embedding.weight", shape)
+        if name == "class_token":  # CLIP: [1, 1, d] here, [d] in HF
+            return take("embeddings.class_embedding", shape[-1:]).reshape(shape)
+        if name in ("ln_pre.weight", "ln_pre.bias"):
+            return take("pre_layrnorm." + name.split(".")[-1], shape)
         parts = name.split(".")
         if parts[:2] != ["decoder", "layers"]:
             raise HFWeightError(f"no Hugging Face source for encoder parameter {name!r}")
@@ -266,7 +324,9 @@ def load_hf_siglip_state_dict(encoder: VisionEncoder, hf_state_dict: Mapping[str
             if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
                 full = full.chunk(tp_size, dim=param.partition_dim)[tp_rank]
             param.copy_(full)
-    unused = sorted(k for k in hf_state_dict if k.startswith(prefix) and k not in used)
-    logger.info("loaded %d SigLIP tensors; unused (expected: last layer, post_layernorm, head): %s",
-                len(used), unused)
+    # (older CLIP checkpoints also store the `embeddings.position_ids` buffer: not a weight)
+    unused = sorted(k for k in hf_state_dict if k.startswith(prefix) and k not in used
+                    and not k.endswith("embeddings.position_ids"))
+    logger.info("loaded %d %s tensors; unused (expected: last layer, post_layernorm%s): %s",
+                len(used), what, ", head" if what == "SigLIP" else "", unused)
     return unused
