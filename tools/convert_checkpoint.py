@@ -36,6 +36,8 @@ layouts:
        LlavaProcessor, in the on-disk layout transformers 4 and 5 both read (that of the llava-hf
        releases). Serves transformers and lmms-eval's `llava_hf` model type directly; VLMEvalKit
        needs a config entry pointing one of its LLaVA-HF model classes at the directory.
+       With --fastv-k/--fastv-r: remote code instead (model_type "llava_baselines",
+       modeling_llava_baselines.py), loaded with trust_remote_code=True; himix-eval reads it too.
   arch uniform / hierarchical (the paper's ablations) have no HF model and are refused.
   The HiMix reference repository's own layout (TinyLLaVA style) is not offered as an export layout;
   it can be imported (`import-reference`).
@@ -82,7 +84,19 @@ def main(argv=None) -> int:
     exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="tensor dtype on disk; auto = as stored in the checkpoint")
     exp.add_argument("--max-shard-size", default="5GB")
+    exp.add_argument("--fastv-k", type=int, default=None, metavar="K",
+                     help="arch vanilla: export with FastV inference (remote code, trust_remote_code=True): layers K "
+                          "and later see only the top round(N * (1 - R)) image tokens by layer K-1's attention")
+    exp.add_argument("--fastv-r", type=float, default=None, metavar="R",
+                     help="FastV: the fraction of image tokens pruned")
+    exp.add_argument("--fastv-ranking", default="last_token", choices=["last_token", "all_tokens"],
+                     help="FastV: rank by the last prompt token's attention (official) or by every token's")
     args = parser.parse_args(argv)
+    baselines = None
+    if args.command == "export" and (args.fastv_k is not None or args.fastv_r is not None):
+        if args.fastv_k is None or args.fastv_r is None:
+            parser.error("FastV needs both --fastv-k and --fastv-r")
+        baselines = {"fastv_k": args.fastv_k, "fastv_r": args.fastv_r, "fastv_ranking": args.fastv_ranking}
     # megatron-core's notices about Transformer Engine / Apex (absent on CPU) and deprecations say nothing
     # about the conversion; the environment variable silences them in the spawned import ranks too.
     os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore::{c}" for c in ("UserWarning", "FutureWarning",
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
             from himix_megatron.convert.hf_export import export_checkpoint
 
             export_checkpoint(args.load, args.output, hf_vision=args.hf_vision, dtype=args.dtype,
-                              max_shard_size=args.max_shard_size)
+                              max_shard_size=args.max_shard_size, baselines=baselines)
     except (ConversionError, ConfigError, CheckpointError, HFWeightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

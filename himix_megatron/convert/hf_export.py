@@ -12,6 +12,12 @@ A dist checkpoint is layout-free, so the export loads it into a TP=1/PP=1 model 
   vocabulary, and the embedding (and untied LM head) grows by zero rows when that id is past the
   model's vocabulary. Zero rows: the image token's embedding is always replaced by the image
   features. Whenever `<image>` has a row in the LM head, generation_config.json suppresses it.
+- arch vanilla with a baseline switched on (`baselines`: FastV's fastv_k / fastv_r / fastv_ranking, gamma-MoD's
+  mod_* fields, himix_megatron/hf/modeling_llava_baselines.py): a remote-code directory, model_type
+  "llava_baselines", `LlavaBaselinesForConditionalGeneration` (AutoModelForCausalLM / AutoModel /
+  AutoModelForImageTextToText, `trust_remote_code=True`), the fields in config.json, the weights under
+  transformers 5's module names (`model.language_model.*`, `model.vision_tower.*`,
+  `model.multi_modal_projector.*`, `lm_head.weight`): transformers applies no renaming to remote code.
 - arch uniform / hierarchical are the paper's ablations and have no HF model: refused.
 
 The SigLIP tower is written whole when the tensors our encoder does not hold (last layer,
@@ -299,9 +305,47 @@ def _export_vanilla(d, state, tower, vision_cfg, feature_layer, tmp, image_id, i
     return tensors, config
 
 
+# The vanilla export's on-disk LLaVA names -> transformers 5's module names (the baselines' remote code).
+_LLAVA_MODULE_NAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                       ("vision_tower.", "model.vision_tower."),
+                       ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def _check_baselines(baselines: dict, arch: str, num_layers: int) -> None:
+    from himix_megatron.hf.modeling_llava_baselines import BaselineSettings
+
+    if arch != "vanilla":
+        raise ConversionError(f"FastV / gamma-MoD exports are of arch vanilla (LLaVA), not {arch!r}")
+    try:
+        BaselineSettings(image_token_id=0, **baselines).check(num_layers)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"baseline fields {baselines}: {e}") from e
+
+
+def _vanilla_baselines(tensors: dict, config, tmp: str, baselines: dict):
+    """The vanilla export as the remote-code LlavaBaselinesForConditionalGeneration with `baselines`' fields."""
+    from himix_megatron.hf import write_baselines_code
+    from himix_megatron.hf.modeling_llava_baselines import LlavaBaselinesConfig
+
+    renamed = {}
+    for key, tensor in tensors.items():
+        match = [(o, n) for o, n in _LLAVA_MODULE_NAMES if key.startswith(o)]
+        if not match:
+            raise ConversionError(f"vanilla tensor {key!r} has no transformers 5 module name")
+        renamed[match[0][1] + key[len(match[0][0]):]] = tensor
+    fields = {k: v for k, v in config.to_dict().items()
+              if k not in ("model_type", "architectures", "transformers_version")}
+    config = LlavaBaselinesConfig(**fields, **baselines)
+    config.architectures = ["LlavaBaselinesForConditionalGeneration"]
+    config.auto_map = write_baselines_code(tmp)
+    return renamed, config
+
+
 def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None, dtype: str = "auto",
-                      max_shard_size="5GB", log: Callable[[str], None] = print) -> str:
-    """Write the HF directory `output` for the checkpoint `load` (a save dir or an iteration dir)."""
+                      max_shard_size="5GB", baselines: Optional[dict] = None,
+                      log: Callable[[str], None] = print) -> str:
+    """Write the HF directory `output` for the checkpoint `load` (a save dir or an iteration dir); `baselines`
+    (arch vanilla): FastV / gamma-MoD config fields, e.g. {"fastv_k": 2, "fastv_r": 0.5}."""
     from himix_megatron.checkpoint import read_description
 
     output = os.path.normpath(output)
@@ -314,6 +358,8 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
     if arch not in ("himix", "vanilla"):
         raise ConversionError(f"arch {arch!r} is one of the paper's ablations and has no Hugging Face model; "
                               "export supports arch himix (remote code) and vanilla (LlavaForConditionalGeneration)")
+    if baselines:
+        _check_baselines(baselines, arch, described.language.num_layers)
     if arch == "himix":
         template = described.template or DEFAULT_TEMPLATE
         jinja = chat_template(template)  # refuses, before anything is written, a template it cannot express
@@ -337,6 +383,8 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
             log("warning: without a tokenizer the export has no HiMixProcessor and no chat template")
         build = _export_himix if arch == "himix" else _export_vanilla
         tensors, config = build(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids)
+        if baselines:
+            tensors, config = _vanilla_baselines(tensors, config, tmp, baselines)
         # The transformers releases this export's files (remote code, config and processor layout) are tested with.
         setattr(config, TESTED_TRANSFORMERS_KEY, TESTED_TRANSFORMERS)
         config.dtype = target
@@ -354,7 +402,8 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
         raise
     log(f"exported arch={arch} ({d.language.name} + {d.vision.name}) from {iter_dir} -> {output}: "
         f"{len(tensors)} tensors in {len(files)} file(s), {str(target).replace('torch.', '')}, "
-        f"vision_feature_layer={feature_layer}, image token id {image_id}")
+        f"vision_feature_layer={feature_layer}, image token id {image_id}"
+        + (f", remote-code LlavaBaselinesForConditionalGeneration with {baselines}" if baselines else ""))
     return output
 
 

@@ -79,13 +79,14 @@ def load_model(directory: str, *, template: Optional[str], system_prompt: Option
         arch, image_id = "himix", config.image_token_index
         vision = config.vision_config
         model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype)
-    elif config.model_type == "llava":
+    elif config.model_type in ("llava", "llava_baselines"):  # llava_baselines: FastV / gamma-MoD remote code
         arch, image_id = "vanilla", config.image_token_id
         vision = config.vision_config
-        model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype) if config.model_type == "llava" \
+            else AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=dtype)
     else:
         raise EvalError(f"{directory}/config.json: model_type {config.model_type!r} is neither a HiMix export "
-                        "('himix') nor a vanilla LLaVA export ('llava')")
+                        "('himix') nor a vanilla LLaVA export ('llava', 'llava_baselines')")
     name = template or getattr(config, "himix_template", None)
     if name is None:
         raise EvalError(f"{directory}: the export records no conversation template; pass --template "
@@ -99,17 +100,16 @@ def load_model(directory: str, *, template: Optional[str], system_prompt: Option
                         "generation could not stop")
     log(f"model {directory}: arch {arch}, template {name}, {dtype}".replace("torch.", ""))
     return Model(model.to(device).eval(), arch, tokenizer,
-                 TemplateConfig(name, image="remove" if arch == "himix" else "mark", system=system_prompt,
-                                image_token_index=image_id),
+                 TemplateConfig(name, image="remove", system=system_prompt, image_token_index=image_id),
                  ImageConfig(size=vision.image_size, aspect_ratio=aspect_ratio),
                  getattr(config, "image_seq_length", 0), sorted(set(stop)), device)
 
 
 def _ids(m: Model, question: Question) -> list[int]:
     ids = prompt_ids(question, m.tokenizer, m.template)
-    if m.arch == "vanilla" and question.image is not None:  # LLaVA expands its one placeholder to N tokens
-        at = ids.index(m.template.image_token_index)
-        ids = ids[:at] + [m.template.image_token_index] * m.image_tokens + ids[at + 1:]
+    if m.arch == "vanilla" and question.image is not None:
+        # As in training (model/vanilla.py): the N image tokens come before the whole text, BOS included.
+        ids = [m.template.image_token_index] * m.image_tokens + ids
     return ids
 
 

@@ -2,6 +2,8 @@
 
 `configuration_himix.py`, `modeling_himix.py` and `processing_himix.py` import only torch and transformers, so an
 export directory is self-contained; they are not imported here so that importing this package stays cheap.
+`modeling_llava_baselines.py` (FastV and gamma-MoD inference on transformers' LLaVA) is the remote code of the
+vanilla exports that switch a baseline on.
 """
 
 from __future__ import annotations
@@ -36,3 +38,23 @@ def write_remote_code(output_dir) -> dict:
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(here / name, output_dir / name)
     return dict(AUTO_MAP)
+
+
+BASELINES_CODE_FILE = "modeling_llava_baselines.py"
+# A model type of its own ("llava_baselines"): with "llava", every loader that does not trust remote code
+# (LlavaForConditionalGeneration, AutoModelForImageTextToText, lmms-eval's llava_hf) would silently run the plain
+# model; with it they refuse. AutoModel for generic harnesses, as above; AutoProcessor stays the LlavaProcessor.
+BASELINES_AUTO_MAP = {
+    "AutoConfig": "modeling_llava_baselines.LlavaBaselinesConfig",
+    "AutoModel": "modeling_llava_baselines.LlavaBaselinesForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_llava_baselines.LlavaBaselinesForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_llava_baselines.LlavaBaselinesForConditionalGeneration",
+}
+
+
+def write_baselines_code(output_dir) -> dict:
+    """Copy modeling_llava_baselines.py into `output_dir`; return the `auto_map` entry for its config.json."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).parent / BASELINES_CODE_FILE, output_dir / BASELINES_CODE_FILE)
+    return dict(BASELINES_AUTO_MAP)

@@ -38,19 +38,14 @@ def _checkpoint(root, arch, tok):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, single_rank):
     """HF exports of a random tiny HiMix and vanilla checkpoint, through himix-eval's own export route."""
-    from himix_megatron import platform
     from himix_megatron.data.synthetic import write_word_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     tok = str(root / "tok")
     write_word_tokenizer(tok)
-    platform.initialize(ParallelConfig())
-    try:
-        ckpts = {arch: _checkpoint(root, arch, tok) for arch in ("himix", "vanilla")}
-    finally:
-        platform.shutdown()
+    ckpts = {arch: _checkpoint(root, arch, tok) for arch in ("himix", "vanilla")}
     exports = {arch: generate.hf_directory(path, str(root / "out"), log=lambda _: None) for arch, path in ckpts.items()}
     return {**exports, "himix-ckpt": ckpts["himix"]}
 
