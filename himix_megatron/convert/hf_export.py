@@ -173,9 +173,32 @@ def load_tp1(load_dir: str):
     # Every weight comes from the checkpoint, so megatron's random init is skipped. (At TP=1 nothing reads
     # the tensor-parallel attributes megatron then leaves unset; the import, at TP > 1, keeps the init.)
     chunks, encoder = build_model(dataclasses.replace(description, language=lm), ParallelConfig(),
-                                  params_dtype=dtype, perform_initialization=False)
+                                  params_dtype=dtype, perform_initialization=False, **gamma_mod_overrides(iter_dir))
     load_checkpoint(iter_dir, chunks, encoder=encoder, load_rng=False)
     return description, iter_dir, chunks, encoder, embedding.dtype
+
+
+def gamma_mod_record(iter_dir: str) -> Optional[dict]:
+    """The gamma-MoD settings a checkpoint records (model/gamma_mod.py), None for a dense model."""
+    from himix_megatron.checkpoint import read_metadata
+
+    return read_metadata(iter_dir)["train_state"].get("gamma_mod")
+
+
+def gamma_mod_overrides(iter_dir: str) -> dict:
+    from himix_megatron.model.gamma_mod import config_overrides
+
+    record = gamma_mod_record(iter_dir)
+    return {} if record is None else config_overrides(record)
+
+
+def gamma_mod_baselines(record: dict) -> dict:
+    """The HF baselines fields that reproduce the megatron gamma-MoD model's evaluation forward: the recorded
+    layers, thresholds, router bias and skip rule, every token routable by the threshold (as the official
+    inference and megatron's eval mode do)."""
+    fields = {k: record[k] for k in ("mod_layers", "mod_threshold", "mod_decode_threshold", "mod_router_bias",
+                                     "mod_skip")}
+    return dict(fields, mod_layers=list(record["mod_layers"]), mod_route_text=True)
 
 
 def _vision_tower(vision_state, v, iter_dir: str, hf_vision: Optional[str], log) -> tuple[dict, dict, int]:
@@ -281,6 +304,9 @@ def _export_vanilla(d, state, tower, vision_cfg, feature_layer, tmp, image_id, i
     tensors = {}
     for name in leftover:
         module, kind = name.rsplit(".", 1)
+        if module == "mod_router":  # gamma-MoD's shared router, in the language model (hf/modeling_llava_baselines)
+            tensors[f"language_model.model.mod_router.{kind}"] = state[name]
+            continue
         if module not in projector:
             raise ConversionError(f"no Hugging Face name for megatron parameter {name!r}")
         tensors[f"multi_modal_projector.{projector[module]}.{kind}"] = state[name]
@@ -346,7 +372,7 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
                       log: Callable[[str], None] = print) -> str:
     """Write the HF directory `output` for the checkpoint `load` (a save dir or an iteration dir); `baselines`
     (arch vanilla): FastV / gamma-MoD config fields, e.g. {"fastv_k": 2, "fastv_r": 0.5}."""
-    from himix_megatron.checkpoint import read_description
+    from himix_megatron.checkpoint import read_description, resolve
 
     output = os.path.normpath(output)
     if os.path.exists(output):
@@ -358,6 +384,11 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
     if arch not in ("himix", "vanilla"):
         raise ConversionError(f"arch {arch!r} is one of the paper's ablations and has no Hugging Face model; "
                               "export supports arch himix (remote code) and vanilla (LlavaForConditionalGeneration)")
+    record = gamma_mod_record(resolve(load))
+    if record is not None:  # a gamma-MoD model exports as one: its router and settings
+        if baselines and any(k.startswith("fastv") for k in baselines):
+            raise ConversionError("a gamma-MoD checkpoint cannot also be exported with FastV (--fastv-k)")
+        baselines = dict(gamma_mod_baselines(record), **(baselines or {}))
     if baselines:
         _check_baselines(baselines, arch, described.language.num_layers)
     if arch == "himix":
