@@ -44,3 +44,25 @@ def test_bench_prints_every_figure():
         assert len(re.findall(pattern, text)) == 2, f"{pattern!r} not printed once per ratio:\n{text}"
     realizations = [float(x) for x in re.findall(rf"realization \(speedup / FLOP ratio\): ({number})", text)]
     assert float(lines[-1].split()[1]) == round(min(realizations), 2)
+
+
+@pytest.mark.slow
+def test_bench_baselines_prints_every_model():
+    """tools/bench_baselines.py at a toy size: every model's row in both tables, and FLOP ratios that follow
+    from himix_megatron.flops (HiMix cheapest, FastV 75% cheaper than 50%)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench_baselines.py"), "--hidden", "128", "--layers", "5",
+         "--ratio", "96:16", "--repeats", "1", "--new-tokens", "2", "--micro-batches", "1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r"  (\S.*?) +(\d+\.\d+) +(\d+\.\d+)x +(\d+\.\d+)x$", line)
+        if m:
+            rows.setdefault(m[1], []).append(float(m[4]))
+    assert set(rows) == {"vanilla", "vanilla + gamma-MoD", "HiMix", "FastV K=2 R=50%", "FastV K=2 R=75%"}
+    assert rows["vanilla"] == [1.0, 1.0] and len(rows["HiMix"]) == 2 and len(rows["vanilla + gamma-MoD"]) == 2
+    assert rows["FastV K=2 R=75%"][0] > rows["FastV K=2 R=50%"][0] > 1.0
+    assert min(rows["HiMix"]) > max(rows["FastV K=2 R=75%"][0], *rows["vanilla + gamma-MoD"])

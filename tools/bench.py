@@ -161,8 +161,9 @@ def models(args):
     return lm, vision
 
 
-def build(arch, lm, vision, precision, grad_accum_fusion=False, seed=0):
-    """Model + megatron DDP + megatron optimizer, as a trainer builds them."""
+def build(arch, lm, vision, precision, grad_accum_fusion=False, seed=0, **overrides):
+    """Model + megatron DDP + megatron optimizer, as a trainer builds them; `overrides`: TransformerConfig
+    fields (tools/bench_baselines.py's gamma-MoD)."""
     from megatron.core import tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -179,6 +180,7 @@ def build(arch, lm, vision, precision, grad_accum_fusion=False, seed=0):
     # cpu_compat's addmm_ on CPU). Off by default: on this CPU it sped HiMix up ~8% but slowed vanilla's
     # larger GEMMs, so turning it on would flatter the ratio.
     extra["gradient_accumulation_fusion"] = grad_accum_fusion
+    extra.update(overrides)
     config = build_transformer_config(lm, vision, arch=arch, params_dtype=dtype,
                                       use_cpu_initialization=not torch.cuda.is_available(), **extra)
     model = (HiMixModel if arch == "himix" else VanillaLLaVAModel)(config, lm)
