@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N questions (a quick look)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--model-name", help="the name of this model's row in results.md (default: the model path)")
+    p.add_argument("--fastv-k", type=int, help="FastV (vanilla megatron checkpoints): prune image tokens after "
+                   "layer K-1 (exported with FastV, hf/modeling_llava_baselines.py)")
+    p.add_argument("--fastv-r", type=float, help="FastV: the fraction of image tokens pruned")
+    p.add_argument("--fastv-ranking", choices=("last_token", "all_tokens"), default="last_token")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -74,6 +78,8 @@ def _check(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise EvalError(f"--{flag.replace('_', '-')} {value} must be >= 1")
+    if (args.fastv_k is None) != (args.fastv_r is None):
+        raise EvalError("--fastv-k and --fastv-r go together")
     if not os.path.exists(args.model):
         raise EvalError(f"--model {args.model}: no such file or directory")
     if args.annotations is not None and not os.path.exists(args.annotations):
@@ -119,11 +125,13 @@ def run(argv=None) -> int:
     log = print if rank == 0 else (lambda *a, **k: None)
     os.makedirs(args.output_dir, exist_ok=True)
     questions = read_questions(args.questions, args.limit)
+    baselines = None if args.fastv_k is None else {"fastv_k": args.fastv_k, "fastv_r": args.fastv_r,
+                                                    "fastv_ranking": args.fastv_ranking}
     if rank == 0:
-        directory = generate.hf_directory(args.model, args.output_dir, log)
+        directory = generate.hf_directory(args.model, args.output_dir, log, baselines)
     _barrier(world)
     if rank != 0:
-        directory = generate.hf_directory(args.model, args.output_dir, log)  # exported by rank 0 by now
+        directory = generate.hf_directory(args.model, args.output_dir, log, baselines)  # exported by rank 0 by now
     model = generate.load_model(directory, template=args.template, system_prompt=args.system_prompt,
                                 aspect_ratio=args.image_aspect_ratio,
                                 dtype=DTYPES[args.dtype] if args.dtype else None, device=device, log=log)

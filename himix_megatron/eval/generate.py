@@ -46,22 +46,28 @@ class Model:
     device: torch.device
 
 
-def hf_directory(path: str, work_dir: str, log: Callable[[str], None] = print) -> str:
+def hf_directory(path: str, work_dir: str, log: Callable[[str], None] = print,
+                 baselines: Optional[dict] = None) -> str:
     """`path` if it is an HF model directory; else the HF export of the megatron checkpoint it names,
-    written once to `work_dir` (rank 0 calls this before the others read it)."""
+    written once to `work_dir` (rank 0 calls this before the others read it). `baselines`: FastV fields
+    ({"fastv_k": 2, "fastv_r": 0.5}) the export of a vanilla checkpoint is made with."""
     if os.path.isfile(os.path.join(path, "config.json")):
+        if baselines:
+            raise EvalError(f"--model {path} is already exported: FastV is chosen at export (tools/convert_checkpoint.py "
+                            "export --fastv-k K --fastv-r R), or pass the megatron checkpoint")
         return path
     from himix_megatron.checkpoint import resolve
 
     iter_dir = resolve(path)  # the newest complete checkpoint, verified
+    tag = "".join(f"-{k.split('_')[-1]}{v}" for k, v in sorted((baselines or {}).items()))
     out = os.path.join(work_dir, "hf-export-" + os.path.basename(os.path.dirname(os.path.abspath(iter_dir)))
-                       + "-" + os.path.basename(iter_dir))
+                       + "-" + os.path.basename(iter_dir) + tag)
     if not os.path.isdir(out):  # the export writes a temporary directory and renames it: complete or absent
         log(f"exporting {iter_dir} to {out}")
-        code = "import sys; from himix_megatron.convert.hf_export import export_checkpoint; " \
-               "export_checkpoint(sys.argv[1], sys.argv[2])"
+        code = "import json, sys; from himix_megatron.convert.hf_export import export_checkpoint; " \
+               "export_checkpoint(sys.argv[1], sys.argv[2], baselines=json.loads(sys.argv[3]) or None)"
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        subprocess.run([sys.executable, "-c", code, iter_dir, out], check=True, env=env)
+        subprocess.run([sys.executable, "-c", code, iter_dir, out, json.dumps(baselines or {})], check=True, env=env)
     return out
 
 

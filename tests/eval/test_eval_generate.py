@@ -47,7 +47,7 @@ def exported(tmp_path_factory, single_rank):
     write_word_tokenizer(tok)
     ckpts = {arch: _checkpoint(root, arch, tok) for arch in ("himix", "vanilla")}
     exports = {arch: generate.hf_directory(path, str(root / "out"), log=lambda _: None) for arch, path in ckpts.items()}
-    return {**exports, "himix-ckpt": ckpts["himix"]}
+    return {**exports, "himix-ckpt": ckpts["himix"], "vanilla-ckpt": ckpts["vanilla"]}
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,26 @@ def test_textvqa_style_ids_shared_by_the_questions_of_one_image(tmp_path):
     (tmp_path / "demo_answers.jsonl").write_text("".join(
         json.dumps({"question_id": q.question_id, "prompt": q.text, "text": "x"}) + "\n" for q in qs[:1]))
     assert list(generate.answered(str(tmp_path), "demo")) == [qs[0].key]
+
+
+def test_cli_fastv_on_a_vanilla_checkpoint(exported, questions, tmp_path, capsys):
+    """--fastv-k/--fastv-r: the vanilla checkpoint is exported with FastV and answered by it; R = 0 gives the
+    plain vanilla model's answers; an already exported model cannot take FastV flags."""
+    from himix_megatron.eval.cli import main
+
+    path, folder = questions
+    answers = {}
+    for r in (0.0, 0.75):
+        out = tmp_path / f"r{r}"
+        assert main(["--model", exported["vanilla-ckpt"], "--benchmark", "mmvet", "--questions", path,
+                     "--image-folder", folder, "--output-dir", str(out), "--system-prompt", "", "--max-new-tokens",
+                     "4", "--fastv-k", "2", "--fastv-r", str(r), "--no-progress"]) == 0
+        assert json.loads((next(out.glob("hf-export-*")) / "config.json").read_text())["fastv_k"] == 2
+        answers[r] = [json.loads(x)["text"] for x in open(out / "mmvet_answers.jsonl")]
+    m = generate.load_model(exported["vanilla"], template=None, system_prompt="", log=lambda _: None)
+    qs = read_questions(path)
+    plain = generate.answer_batch(m, [q for q in qs if q.image is not None], folder, 4)
+    assert answers[0.0][:-1] == plain
+    assert main(["--model", exported["vanilla"], "--benchmark", "mmvet", "--questions", path, "--output-dir",
+                 str(tmp_path / "x"), "--fastv-k", "2", "--fastv-r", "0.5"]) == 2
+    assert "already exported" in capsys.readouterr().err
