@@ -66,3 +66,17 @@ def test_bench_baselines_prints_every_model():
     assert rows["vanilla"] == [1.0, 1.0] and len(rows["HiMix"]) == 2 and len(rows["vanilla + gamma-MoD"]) == 2
     assert rows["FastV K=2 R=75%"][0] > rows["FastV K=2 R=50%"][0] > 1.0
     assert min(rows["HiMix"]) > max(rows["FastV K=2 R=75%"][0], *rows["vanilla + gamma-MoD"])
+
+
+@pytest.mark.slow
+def test_bench_encoder_prints_every_figure():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench_encoder.py"), "--vision-model", "tiny", "--repeats", "1",
+         "--micro-batches", "1"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for pattern in (r"HiMix from images +step +\d+\.\d+ s", r"HiMix from cached features +step +\d+\.\d+ s",
+                    r"vanilla from images +step +\d+\.\d+ s", r"encoder share of the HiMix step from images: \d+%",
+                    r"speedup from caching \(HiMix\): \d+\.\d+x", r"end to end, vanilla / HiMix: \d+\.\d+x"):
+        assert re.search(pattern, out.stdout), (pattern, out.stdout)
