@@ -135,12 +135,34 @@ def fill_from_hf(model_chunks: Sequence[torch.nn.Module], encoder, description: 
     return new, unused
 
 
-def _import_rank(rank: int, world: int, port: int, plan: ImportPlan, tmp: str, staging: str) -> None:
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """An import rank's torch.distributed environment (one of `world` spawned gloo processes on this node)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+
+def save_imported(rank: int, chunks, encoder, description, vision, unused: list, tmp: str, staging: str,
+                  report: dict) -> None:
+    """Every import rank's last step: its shard of the iteration-0 checkpoint (rank 0 adds the tokenizer and
+    the SigLIP tensors the encoder leaves out), and its report for the parent process."""
+    from himix_megatron.checkpoint import save_checkpoint
+
+    tokenizer = os.path.join(staging, "tokenizer")
+    extra = {}
+    if rank == 0:  # first stage: it holds the encoder, so it knows which SigLIP tensors were left out
+        extra[VISION_EXTRA] = os.path.join(staging, VISION_EXTRA)
+        _save_vision_extra(vision, unused, extra[VISION_EXTRA])
+    save_checkpoint(tmp, chunks, description, iteration=0, encoder=encoder,
+                    tokenizer_dir=tokenizer if os.listdir(tokenizer) else None, extra_files=extra)
+    with open(os.path.join(staging, f"rank{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f)
+
+
+def _import_rank(rank: int, world: int, port: int, plan: ImportPlan, tmp: str, staging: str) -> None:
+    rank_environment(rank, world, port)
     from himix_megatron import platform
-    from himix_megatron.checkpoint import build_model, save_checkpoint
+    from himix_megatron.checkpoint import build_model
 
     platform.initialize(plan.parallel, use_gpu=False)  # a format conversion: CPU, gloo, local spec on any node
     try:
@@ -150,15 +172,8 @@ def _import_rank(rank: int, world: int, port: int, plan: ImportPlan, tmp: str, s
         vision = HFTensors(plan.hf_vision) if encoder is not None else None
         new, unused = fill_from_hf(chunks, encoder, plan.description, HFTensors(plan.hf_llm), vision,
                                    seed=plan.seed, init_method_std=plan.init_method_std)
-        tokenizer = os.path.join(staging, "tokenizer")
-        extra = {}
-        if rank == 0:  # first stage: it holds the encoder, so it knows which SigLIP tensors were left out
-            extra[VISION_EXTRA] = os.path.join(staging, VISION_EXTRA)
-            _save_vision_extra(vision, unused, extra[VISION_EXTRA])
-        save_checkpoint(tmp, chunks, plan.description, iteration=0, encoder=encoder,
-                        tokenizer_dir=tokenizer if os.listdir(tokenizer) else None, extra_files=extra)
-        with open(os.path.join(staging, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump({"new": new, "unused_vision": unused}, f)
+        save_imported(rank, chunks, encoder, plan.description, vision, unused, tmp, staging,
+                      {"new": new, "unused_vision": unused})
     finally:
         platform.shutdown()
 

@@ -529,12 +529,11 @@ def fill_from_reference(model_chunks: Sequence[torch.nn.Module], encoder, descri
 
 
 def _reference_rank(rank: int, world: int, port: int, plan: ReferencePlan, tmp: str, staging: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     from himix_megatron import platform
-    from himix_megatron.checkpoint import build_model, save_checkpoint
-    from himix_megatron.convert.hf_import import VISION_EXTRA, _save_vision_extra
+    from himix_megatron.checkpoint import build_model
+    from himix_megatron.convert.hf_import import rank_environment, save_imported
+
+    rank_environment(rank, world, port)
 
     platform.initialize(plan.parallel, use_gpu=False)  # a format conversion: CPU, gloo, local spec on any node
     try:
@@ -545,15 +544,8 @@ def _reference_rank(rank: int, world: int, port: int, plan: ReferencePlan, tmp: 
                                               vision if encoder is not None else None)
         if missing:
             raise ConversionError(f"no source in the reference checkpoint for {missing}")
-        tokenizer = os.path.join(staging, "tokenizer")
-        extra = {}
-        if rank == 0:  # first stage: it holds the encoder, so it knows which SigLIP tensors were left out
-            extra[VISION_EXTRA] = os.path.join(staging, VISION_EXTRA)
-            _save_vision_extra(vision, unused, extra[VISION_EXTRA])
-        save_checkpoint(tmp, chunks, plan.description, iteration=0, encoder=encoder,
-                        tokenizer_dir=tokenizer if os.listdir(tokenizer) else None, extra_files=extra)
-        with open(os.path.join(staging, f"rank{rank}.json"), "w", encoding="utf-8") as f:
-            json.dump({"unused_vision": unused}, f)
+        save_imported(rank, chunks, encoder, plan.description, vision, unused, tmp, staging,
+                      {"unused_vision": unused})
     finally:
         platform.shutdown()
 

@@ -235,7 +235,7 @@ class _BaselinesTextModel:
         if s.mod_layers:
             mod = self._mod_setup(s, prefill, image, valid, batch, b, q, device)
         self.mod_last_skipped = {}
-        kept = full = None
+        kept = full = received = None  # received: layer K-1's attention to the image, ranks them at layer K
         for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if s.fastv_k is not None and i == s.fastv_k:
                 if prefill:

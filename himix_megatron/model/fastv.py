@@ -17,7 +17,6 @@ that both give the same logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
