@@ -16,10 +16,10 @@ A reply is "no" when its first sentence (up to the first period), commas removed
 
 from __future__ import annotations
 
-import json
 import os
 
-from himix_megatron.eval.scoring_io import ScoringError, coverage, field, pair_answers, percent, qid_key
+from himix_megatron.eval.scoring_io import (ScoringError, coverage, field, jsonl_records, pair_answers, percent,
+                                            qid_key)
 
 SPLITS = ("random", "popular", "adversarial")
 
@@ -34,23 +34,15 @@ def read_labels(directory: str) -> dict[tuple[str, str], bool]:
         path = os.path.join(directory, f"coco_pope_{split}.json")
         if not os.path.isfile(path):
             raise ScoringError(f"POPE annotations: {path}: no such file")
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ScoringError(f"{where}: not valid JSON ({e})") from None
-                qid = field(record, "question_id", where, (int, str))
-                label = field(record, "label", where)
-                if label not in ("yes", "no"):
-                    raise ScoringError(f"{where}: 'label' must be 'yes' or 'no', not {label!r}")
-                key = (split, qid_key(qid))
-                if key in labels:
-                    raise ScoringError(f"{where}: question_id {qid!r} appears twice")
-                labels[key] = label == "yes"
+        for where, record in jsonl_records(path, "a POPE question"):
+            qid = field(record, "question_id", where, (int, str))
+            label = field(record, "label", where)
+            if label not in ("yes", "no"):
+                raise ScoringError(f"{where}: 'label' must be 'yes' or 'no', not {label!r}")
+            key = (split, qid_key(qid))
+            if key in labels:
+                raise ScoringError(f"{where}: question_id {qid!r} appears twice")
+            labels[key] = label == "yes"
     return labels
 
 

@@ -11,7 +11,6 @@ tokens training did.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,6 +19,7 @@ import numpy as np
 
 from himix_megatron.data.image import ImageConfig, load_and_preprocess
 from himix_megatron.data.templates import TemplateConfig, generation_prompt
+from himix_megatron.eval.scoring_io import jsonl_records
 
 
 class EvalError(ValueError):
@@ -44,30 +44,20 @@ def read_questions(path: str, limit: Optional[int] = None) -> list[Question]:
     if not os.path.isfile(path):
         raise EvalError(f"--questions {path}: no such file")
     questions, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise EvalError(f"{where}: a question must be a JSON object")
-            for key in ("question_id", "text"):
-                if key not in record:
-                    raise EvalError(f"{where}: no {key!r} field")
-            qid = record.pop("question_id")
-            text, image = record.pop("text"), record.pop("image", None)
-            if not isinstance(text, str) or not text.strip():
-                raise EvalError(f"{where}: 'text' must be a non-empty string")
-            if (qid, text) in seen:
-                raise EvalError(f"{where}: question_id {qid!r} appears twice with the same text")
-            seen.add((qid, text))
-            questions.append(Question(qid, text, image, record))
-            if limit is not None and len(questions) >= limit:
-                break
+    for where, record in jsonl_records(path, "a question", EvalError):
+        for key in ("question_id", "text"):
+            if key not in record:
+                raise EvalError(f"{where}: no {key!r} field")
+        qid = record.pop("question_id")
+        text, image = record.pop("text"), record.pop("image", None)
+        if not isinstance(text, str) or not text.strip():
+            raise EvalError(f"{where}: 'text' must be a non-empty string")
+        if (qid, text) in seen:
+            raise EvalError(f"{where}: question_id {qid!r} appears twice with the same text")
+        seen.add((qid, text))
+        questions.append(Question(qid, text, image, record))
+        if limit is not None and len(questions) >= limit:
+            break
     if not questions:
         raise EvalError(f"--questions {path}: holds no questions")
     return questions

@@ -8,30 +8,36 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Hashable, Iterable, Optional
+from typing import Callable, Hashable, Iterable, Iterator, Optional
 
 
 class ScoringError(ValueError):
     """Answers or annotations that cannot be scored; the message names the file and the field or question."""
 
 
-def read_answer_file(path: str) -> list[dict]:
-    """The records of a LLaVA answer JSONL (`question_id`, `text`, ...), in file order."""
-    if not os.path.isfile(path):
-        raise ScoringError(f"answers file {path}: no such file")
-    records = []
+def jsonl_records(path: str, what: str, error: type = None) -> Iterator[tuple[str, dict]]:
+    """("path:line", record) for every non-blank line of a JSONL file; `error` (default ScoringError) for a
+    line that is not a JSON object, naming the file and line. `what`: one record, for the message."""
+    error = error or ScoringError
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ScoringError(f"{path}:{line_no}: not valid JSON ({e})") from None
+                raise error(f"{where}: not valid JSON ({e})") from None
             if not isinstance(record, dict):
-                raise ScoringError(f"{path}:{line_no}: an answer must be a JSON object")
-            records.append(record)
-    return records
+                raise error(f"{where}: {what} must be a JSON object")
+            yield where, record
+
+
+def read_answer_file(path: str) -> list[dict]:
+    """The records of a LLaVA answer JSONL (`question_id`, `text`, ...), in file order."""
+    if not os.path.isfile(path):
+        raise ScoringError(f"answers file {path}: no such file")
+    return [record for _, record in jsonl_records(path, "an answer")]
 
 
 def load_json(path: str, what: str):
