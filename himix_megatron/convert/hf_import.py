@@ -200,22 +200,39 @@ def import_checkpoint(hf_llm: str, hf_vision: str, arch: str, parallel: Parallel
                       template: Optional[str] = None, seed: int = 0,
                       log: Callable[[str], None] = print) -> ImportReport:
     """Convert, at `parallel`'s TP x PP (that many processes), into the checkpoint directory `output`."""
-    import torch.multiprocessing as mp
-
     output = os.path.normpath(output)
     if os.path.exists(output):
         raise ConversionError(f"--output {output} already exists; refusing to overwrite it")
     plan = plan_import(hf_llm, hf_vision, arch, parallel, template, seed)
+
+    def tokenizer(target: str) -> list[str]:
+        files = stage_tokenizer(hf_llm, target, read_config(hf_llm))
+        if not files:
+            log(f"warning: no tokenizer files in {hf_llm}; the checkpoint will have none")
+        return files
+
+    results, tokenizer_files = spawn_import(_import_rank, plan, parallel, output, tokenizer)
+    new = sorted({n for r in results for n in r["new"]}, key=_layer_order)
+    report = ImportReport(output, plan.description, new, results[0]["unused_vision"], tokenizer_files)
+    _log_report(report, parallel, log)
+    return report
+
+
+def spawn_import(rank_fn, plan, parallel: ParallelConfig, output: str,
+                 stage_tokenizer_to: Callable[[str], list[str]]) -> tuple[list[dict], list[str]]:
+    """Run `rank_fn(rank, world, port, plan, tmp, staging)` on TP x PP spawned gloo processes, each writing its
+    shard (save_imported); `output` appears only when all have. `stage_tokenizer_to(dir)` first copies the
+    tokenizer files there and returns their names. Returns (every rank's report, the tokenizer files)."""
+    import torch.multiprocessing as mp
+
     world = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     tmp = f"{output}.tmp-{os.getpid()}"
     staging = tempfile.mkdtemp(prefix="himix-import-")
     try:
-        tokenizer_files = stage_tokenizer(hf_llm, os.path.join(staging, "tokenizer"), read_config(hf_llm))
-        if not tokenizer_files:
-            log(f"warning: no tokenizer files in {hf_llm}; the checkpoint will have none")
+        tokenizer_files = stage_tokenizer_to(os.path.join(staging, "tokenizer"))
         os.makedirs(tmp)
         try:
-            mp.start_processes(_import_rank, args=(world, _free_port(), plan, tmp, staging), nprocs=world,
+            mp.start_processes(rank_fn, args=(world, _free_port(), plan, tmp, staging), nprocs=world,
                                join=True, start_method="spawn")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             # A rank raised (the traceback's last line names the error) or was killed.
@@ -227,10 +244,7 @@ def import_checkpoint(hf_llm: str, hf_vision: str, arch: str, parallel: Parallel
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    new = sorted({n for r in results for n in r["new"]}, key=_layer_order)
-    report = ImportReport(output, plan.description, new, results[0]["unused_vision"], tokenizer_files)
-    _log_report(report, parallel, log)
-    return report
+    return results, tokenizer_files
 
 
 def _free_port() -> int:

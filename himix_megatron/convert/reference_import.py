@@ -92,8 +92,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
@@ -211,24 +209,18 @@ def find_reference(directory: str) -> ReferenceCheckpoint:
         if os.path.isdir(connector) and _has_weights(connector):
             raise ConversionError(f"{connector}: a connector; HiMix has none (the reference's "
                                   "TinyLlavaForConditionalGeneration builds none), so this is not a HiMix checkpoint")
-        lm_where = os.path.join(sub["language_model"], "config.json")
-        if os.path.isfile(lm_where):
-            lm_cfg = _read_json(lm_where)
-        elif top is not None:
-            lm_where = f"{top_where} (text_config)"
-            lm_cfg = _text_config(top, lm_where)
-        else:
-            raise ConversionError(f"{sub['language_model']}: no config.json, and {directory} has no TinyLLaVA "
-                                  "config.json to take the text config from")
-        vision_where = os.path.join(sub["vision_tower"], "config.json")
-        if os.path.isfile(vision_where):
-            vision_cfg = _read_json(vision_where)
-        elif top is not None:
-            vision_where = f"{top_where} (vision_config)"
-            vision_cfg = _vision_config(top, vision_where)
-        else:
-            raise ConversionError(f"{sub['vision_tower']}: no config.json, and {directory} has no TinyLLaVA "
-                                  "config.json to take the vision config from")
+        def config_of(folder: str, section: str, from_top):  # the folder's own config, else the TinyLLaVA one's
+            where = os.path.join(folder, "config.json")
+            if os.path.isfile(where):
+                return _read_json(where), where
+            if top is None:
+                raise ConversionError(f"{folder}: no config.json, and {directory} has no TinyLLaVA config.json "
+                                      f"to take the {section.replace('_', ' ')} from")
+            where = f"{top_where} ({section})"
+            return from_top(top, where), where
+
+        lm_cfg, lm_where = config_of(sub["language_model"], "text_config", _text_config)
+        vision_cfg, vision_where = config_of(sub["vision_tower"], "vision_config", _vision_config)
         return ReferenceCheckpoint("pretrain", directory, sub["language_model"], "", sub["vision_tower"], lm_cfg,
                                    lm_where, vision_cfg, vision_where, top, _tokenizer_dir(tokenizer_candidates))
     if finetune:
@@ -554,9 +546,7 @@ def import_reference(directory: str, parallel: ParallelConfig, output: str, *, t
                      log: Callable[[str], None] = print):
     """Convert a reference checkpoint directory, at `parallel`'s TP x PP (that many processes), into the
     checkpoint directory `output` (which appears only when complete). Returns an `hf_import.ImportReport`."""
-    import torch.multiprocessing as mp
-
-    from himix_megatron.convert.hf_import import VISION_EXTRA, ImportReport, _free_port
+    from himix_megatron.convert.hf_import import VISION_EXTRA, ImportReport, spawn_import
 
     output = os.path.normpath(output)
     if os.path.exists(output):
@@ -565,30 +555,16 @@ def import_reference(directory: str, parallel: ParallelConfig, output: str, *, t
     ref = plan.reference
     for warning in plan.warnings:
         log(f"warning: {warning}")
-    world = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
-    tmp = f"{output}.tmp-{os.getpid()}"
-    staging = tempfile.mkdtemp(prefix="himix-reference-import-")
-    try:
-        tokenizer_target = os.path.join(staging, "tokenizer")
+
+    def tokenizer(target: str) -> list[str]:
         if ref.tokenizer_dir is not None:
-            tokenizer_files = stage_tokenizer(ref.tokenizer_dir, tokenizer_target, ref.lm_config)
-        else:
-            os.makedirs(tokenizer_target)
-            tokenizer_files = []
-            log(f"warning: no tokenizer files in {ref.root} or its language_model/; the checkpoint will have none")
-        os.makedirs(tmp)
-        try:
-            mp.start_processes(_reference_rank, args=(world, _free_port(), plan, tmp, staging), nprocs=world,
-                               join=True, start_method="spawn")
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-            raise ConversionError(f"import failed on a rank: {str(e).strip().splitlines()[-1]}") from e
-        unused = _read_json(os.path.join(staging, "rank0.json"))["unused_vision"]
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            return stage_tokenizer(ref.tokenizer_dir, target, ref.lm_config)
+        os.makedirs(target)
+        log(f"warning: no tokenizer files in {ref.root} or its language_model/; the checkpoint will have none")
+        return []
+
+    results, tokenizer_files = spawn_import(_reference_rank, plan, parallel, output, tokenizer)
+    unused = results[0]["unused_vision"]
     report = ImportReport(output, plan.description, [], unused, tokenizer_files)
     d = plan.description
     log(f"imported the HiMix reference checkpoint {ref.root} ({ref.kind} layout; {d.language.num_layers}-layer "
