@@ -30,14 +30,17 @@ AUTO_MAP = {
 }
 
 
-def write_remote_code(output_dir) -> dict:
-    """Copy the remote-code files into `output_dir`; return the `auto_map` entry for its config.json."""
+def _copy_code(output_dir, files, auto_map: dict) -> dict:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    here = Path(__file__).parent
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(here / name, output_dir / name)
-    return dict(AUTO_MAP)
+    for name in files:
+        shutil.copyfile(Path(__file__).parent / name, output_dir / name)
+    return dict(auto_map)
+
+
+def write_remote_code(output_dir) -> dict:
+    """Copy the remote-code files into `output_dir`; return the `auto_map` entry for its config.json."""
+    return _copy_code(output_dir, REMOTE_CODE_FILES, AUTO_MAP)
 
 
 BASELINES_CODE_FILE = "modeling_llava_baselines.py"
@@ -54,7 +57,4 @@ BASELINES_AUTO_MAP = {
 
 def write_baselines_code(output_dir) -> dict:
     """Copy modeling_llava_baselines.py into `output_dir`; return the `auto_map` entry for its config.json."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(__file__).parent / BASELINES_CODE_FILE, output_dir / BASELINES_CODE_FILE)
-    return dict(BASELINES_AUTO_MAP)
+    return _copy_code(output_dir, (BASELINES_CODE_FILE,), BASELINES_AUTO_MAP)
