@@ -105,3 +105,32 @@ def build_rank_chunks(arch: str, parallel: ParallelConfig, weights: dict | None 
                 for full_name, param in global_names(chunk).values():
                     param.copy_(shard(full_name, weights[full_name], param, tp_rank, tp_size))
     return chunks
+
+
+def randomize_hf(model, seed: int):
+    """Every tensor of an HF model random, norms included (around 1), so a wrong name or a transposed fuse
+    cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
+    return model.eval()
+
+
+def set_model_field(iter_dir: str, key: str, value) -> None:
+    """Rewrite one field of a checkpoint's model description (himix.json), keeping its manifest true."""
+    import json
+    import os
+
+    path = os.path.join(iter_dir, "himix.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["model"][key] = value
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(iter_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["files"]["himix.json"] = os.path.getsize(path)
+    with open(os.path.join(iter_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f)

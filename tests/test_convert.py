@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from himix_megatron.config import ParallelConfig
 from himix_megatron.convert.layout import ConversionError
 from himix_megatron.hf import TESTED_TRANSFORMERS, TESTED_TRANSFORMERS_KEY
+from model_utils import randomize_hf, set_model_field
 from multiprocess import run_world
 
 TP2 = ParallelConfig(tensor_model_parallel_size=2)
@@ -25,14 +26,6 @@ LM_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_
                 num_key_value_heads=2, max_position_embeddings=128)
 
 
-def _randomize(model, seed):
-    """Every tensor random, norms included, so a wrong name or a transposed fuse cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
-    return model.eval()
 
 
 def _tokenizer(directory, size):
@@ -67,7 +60,7 @@ def hf(tmp_path_factory):
                                                   num_attention_heads=4, image_size=56, patch_size=14))
     dirs = {}
     for name, model, seed in (("llama", llama, 1), ("qwen2", qwen, 2), ("siglip", siglip, 3)):
-        dirs[name] = _save(_randomize(model, seed), root / name)
+        dirs[name] = _save(randomize_hf(model, seed), root / name)
     _tokenizer(dirs["llama"], 300)  # as large as the model's vocabulary: LLaVA's <image> must grow it
     _tokenizer(dirs["qwen2"], 180)  # smaller (like Qwen2's 151646 < 151936): <image> takes a free row
     return dirs
@@ -307,17 +300,6 @@ def test_export_without_the_vision_extras(hf, converted, tmp_path):
     torch.testing.assert_close(_megatron_logits(ckpt, tokens, pixels), theirs, atol=1e-4, rtol=0)
 
 
-def _set_arch(iter_dir, arch):
-    path = os.path.join(iter_dir, "himix.json")
-    meta = json.load(open(path))
-    meta["model"]["arch"] = arch
-    with open(path, "w") as f:
-        json.dump(meta, f)
-    manifest = json.load(open(os.path.join(iter_dir, "manifest.json")))
-    manifest["files"]["himix.json"] = os.path.getsize(path)
-    with open(os.path.join(iter_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("single_rank")
@@ -327,7 +309,7 @@ def test_export_errors_leave_no_output(hf, converted, tmp_path, case):
     from himix_megatron.convert.hf_export import export_checkpoint
     from himix_megatron.model.vision import HFWeightError
 
-    edit = {"ablation-arch": lambda d: _set_arch(d, "uniform"),
+    edit = {"ablation-arch": lambda d: set_model_field(d, "arch", "uniform"),
             "truncated-checkpoint": lambda d: os.remove(os.path.join(d, "__0_1.distcp"))}.get(case)
     ckpt, _ = _copy_checkpoint(converted, tmp_path, edit)
     output = tmp_path / "out"

@@ -44,6 +44,7 @@ from himix_megatron.data.templates import DEFAULT_SYSTEMS, TemplateConfig, gener
 from himix_megatron.data.tokenizer import load_tokenizer
 from himix_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES
 from himix_megatron.hf.processing_himix import HiMixProcessor
+from model_utils import randomize_hf, set_model_field
 
 CORPUS = [
     DEFAULT_SYSTEMS["vicuna_v1"], DEFAULT_SYSTEMS["llama3"], DEFAULT_SYSTEMS["qwen2"],
@@ -102,13 +103,6 @@ def tokenizers(tmp_path_factory):
     return {k: str(v) for k, v in dirs.items()}
 
 
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
-    return model.eval()
 
 
 def _checkpoint(hf_llm, hf_vision, template, output, staging):
@@ -130,7 +124,7 @@ def _checkpoint(hf_llm, hf_vision, template, output, staging):
 @pytest.fixture(scope="module")
 def siglip(tmp_path_factory):
     path = tmp_path_factory.mktemp("siglip")
-    _randomize(SiglipVisionModel(SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    randomize_hf(SiglipVisionModel(SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                                     num_attention_heads=4, image_size=56, patch_size=14)), 3) \
         .save_pretrained(path)
     return str(path)
@@ -153,7 +147,7 @@ def exports(tokenizers, siglip, tmp_path_factory, single_rank):
                     "vicuna"
             else:
                 lm, tok = Qwen2ForCausalLM(Qwen2Config(vocab_size=420, tie_word_embeddings=True, **LM_SHAPE)), "qwen2"
-            _randomize(lm, 1).save_pretrained(root / "lm")
+            randomize_hf(lm, 1).save_pretrained(root / "lm")
             for name in os.listdir(tokenizers[tok]):
                 shutil.copy(os.path.join(tokenizers[tok], name), root / "lm" / name)
             (root / "staging").mkdir()
@@ -383,16 +377,7 @@ def test_processor_saves_and_loads_standalone(tokenizers, tmp_path):
 def _with_template(ckpt, tmp_path, template):
     copy = str(tmp_path / "ckpt")
     shutil.copytree(ckpt, copy)
-    iter_dir = os.path.join(copy, "iter_0000000")
-    path = os.path.join(iter_dir, "himix.json")
-    meta = json.load(open(path))
-    meta["model"]["template"] = template
-    with open(path, "w") as f:
-        json.dump(meta, f)
-    manifest = json.load(open(os.path.join(iter_dir, "manifest.json")))
-    manifest["files"]["himix.json"] = os.path.getsize(path)
-    with open(os.path.join(iter_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    set_model_field(os.path.join(copy, "iter_0000000"), "template", template)
     return copy
 
 

@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from himix_megatron.config import ParallelConfig
 from himix_megatron.convert.layout import ConversionError
+from model_utils import randomize_hf
 
 D_V = 48
 SIGLIP = dict(hidden_size=D_V, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=56,
@@ -40,13 +41,6 @@ LLAMA_DIFF_DROPS = ("hidden_act", "max_position_embeddings", "rope_scaling", "at
                     "tie_word_embeddings", "pretraining_tp")
 
 
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
-    return model.eval()
 
 
 def _lm(cfg, seed):
@@ -54,7 +48,7 @@ def _lm(cfg, seed):
     fields = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")}
     cls, config_cls = (Qwen2ForCausalLM, Qwen2Config) if cfg["model_type"] == "qwen2" else (LlamaForCausalLM,
                                                                                              LlamaConfig)
-    model = _randomize(cls(config_cls(**fields)), seed)
+    model = randomize_hf(cls(config_cls(**fields)), seed)
     state = {k: v.clone() for k, v in model.state_dict().items()}  # clone: no tied storage left behind
     if cfg["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)  # named_parameters() and safetensors saves keep one of the pair
@@ -188,7 +182,7 @@ def reference_features(siglip, pixels):
 
 @pytest.fixture(scope="module")
 def models():
-    siglip = _randomize(SiglipVisionModel(SiglipVisionConfig(**SIGLIP)), 3)
+    siglip = randomize_hf(SiglipVisionModel(SiglipVisionConfig(**SIGLIP)), 3)
     llama, llama_sd = _lm(LLAMA, 1)
     qwen, qwen_sd = _lm(QWEN2, 2)
     return {"siglip": (siglip, {k: v.clone() for k, v in siglip.state_dict().items()}),
