@@ -107,14 +107,20 @@ def build_rank_chunks(arch: str, parallel: ParallelConfig, weights: dict | None 
     return chunks
 
 
-def randomize_hf(model, seed: int):
-    """Every tensor of an HF model random, norms included (around 1), so a wrong name or a transposed fuse
-    cannot hide."""
+def randomize(modules, seed: int, scale: float = 0.1) -> None:
+    """Every tensor of `modules` random (one generator, in order), norm weights around 1, so a wrong name or a
+    transposed fuse cannot hide."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
+        for module in modules:
+            for name, p in module.named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else scale * noise)
+
+
+def randomize_hf(model, seed: int):
+    """An HF model randomized (see `randomize`), in eval mode."""
+    randomize([model], seed)
     return model.eval()
 
 

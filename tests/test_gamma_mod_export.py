@@ -8,18 +8,14 @@ import torch
 
 from himix_megatron.checkpoint import ModelDescription, build_model, save_checkpoint
 from himix_megatron.config import ParallelConfig
-from model_utils import TINY_LM, TINY_VISION
+from model_utils import TINY_LM, TINY_VISION, randomize
 
 DESCRIPTION = ModelDescription("vanilla", TINY_LM, TINY_VISION, "vicuna_v1")
 
 
 def _random(chunks, encoder, router_scale):
-    g = torch.Generator().manual_seed(0)
+    randomize(chunks + [encoder], 0, scale=0.3)
     with torch.no_grad():
-        for module in chunks + [encoder]:
-            for name, p in module.named_parameters():
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.3 * noise)
         chunks[0].mod_router.weight.mul_(router_scale)  # probabilities near 0 or 1: some tokens are skipped
 
 

@@ -28,6 +28,7 @@ from transformers import (
 
 from himix_megatron.hf import BASELINES_AUTO_MAP, write_baselines_code
 from himix_megatron.hf.modeling_llava_baselines import LlavaBaselinesConfig, LlavaBaselinesForConditionalGeneration
+from model_utils import randomize
 
 IMG, PAD, VOCAB = 63, 0, 64
 N = 15  # (28 / 7)^2 patches, the first dropped ("default" strategy)
@@ -50,11 +51,7 @@ def _fields(family="llama"):
 def _model(family="llama", seed=0, **baselines):
     torch.manual_seed(seed)
     model = LlavaBaselinesForConditionalGeneration(LlavaBaselinesConfig(**_fields(family), **baselines))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.3 * noise)
+    randomize([model], seed, scale=0.3)
     return model.eval()
 
 
@@ -398,12 +395,7 @@ def vanilla_checkpoint(tmp_path_factory, single_rank):
     write_word_tokenizer(tok)
     description = ModelDescription("vanilla", TINY_LM, TINY_VISION, "vicuna_v1")
     chunks, encoder = build_model(description, ParallelConfig())
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in chunks + [encoder]:
-            for name, p in module.named_parameters():
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.5 * noise)
+    randomize(chunks + [encoder], 0, scale=0.5)
     path = str(root / "ckpt")
     save_checkpoint(path, chunks, description, iteration=1, encoder=encoder, tokenizer_dir=tok)
     return root, path

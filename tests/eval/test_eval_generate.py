@@ -16,21 +16,12 @@ from himix_megatron.checkpoint import ModelDescription, build_model, save_checkp
 from himix_megatron.config import ParallelConfig
 from himix_megatron.eval import generate
 from himix_megatron.eval.prompts import EvalError, read_questions
-from model_utils import TINY_LM, TINY_VISION
-
-
-def _randomize(chunks, encoder, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in chunks + [encoder]:
-            for name, p in module.named_parameters():
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.5 * noise)
+from model_utils import TINY_LM, TINY_VISION, randomize
 
 
 def _checkpoint(root, arch, tok):
     chunks, encoder = build_model(ModelDescription(arch, TINY_LM, TINY_VISION, "vicuna_v1"), ParallelConfig())
-    _randomize(chunks, encoder)
+    randomize(chunks + [encoder], 0, scale=0.5)
     path = str(root / f"{arch}-ckpt")
     save_checkpoint(path, chunks, ModelDescription(arch, TINY_LM, TINY_VISION, "vicuna_v1"), iteration=5,
                     encoder=encoder, tokenizer_dir=tok)
