@@ -90,14 +90,9 @@ def parse_reply(text: str) -> str:
 
 def score_mme(answers: list[dict], annotations: str, source: str = "answers") -> dict:
     truth = read_ground_truth(annotations)
-    try:
-        pairs = pair_answers(answers, source, annotations, truth, answer_key)
-    except ScoringError as e:
-        if "has no annotation" not in str(e):
-            raise
-        raise ScoringError(f"{e} (MME answers are matched by subtask, image and question: question_id "
-                           "'<subtask>/<image file>' and the question in 'prompt', as in LLaVA's llava_mme.jsonl)"
-                           ) from None
+    pairs = pair_answers(answers, source, annotations, truth, answer_key,
+                         how="MME answers are matched by subtask, image and question: question_id "
+                             "'<subtask>/<image file>' and the question in 'prompt', as in LLaVA's llava_mme.jsonl")
     questions_of = defaultdict(int)  # (subtask, stem) -> questions the ground truth has for that image
     for subtask, stem, _ in truth:
         questions_of[subtask, stem] += 1

@@ -74,13 +74,9 @@ def score_pope(answers: list[dict], annotations: str, source: str = "answers") -
         split = record.get("category")
         return (split, qid_key(record["question_id"])) if split in SPLITS else None
 
-    try:
-        pairs = pair_answers(answers, source, annotations, labels, key)
-    except ScoringError as e:
-        if "has no annotation" not in str(e):
-            raise
-        raise ScoringError(f"{e} (a POPE answer names its split in 'category': one of {', '.join(SPLITS)}, "
-                           "and its question by that split's question_id)") from None
+    pairs = pair_answers(answers, source, annotations, labels, key,
+                         how=f"a POPE answer names its split in 'category': one of {', '.join(SPLITS)}, and its "
+                             "question by that split's question_id")
     splits = {}
     for split in SPLITS:
         scored = [(says_yes(r["text"]), labels[k]) for k, r in pairs if k[0] == split]

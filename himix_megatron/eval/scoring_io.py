@@ -75,12 +75,14 @@ def qid_key(qid) -> str:
 
 
 def pair_answers(answers: Iterable[dict], source: str, annotations: str, index: dict,
-                 key: Optional[Callable[[dict], Optional[Hashable]]] = None) -> list[tuple[Hashable, dict]]:
+                 key: Optional[Callable[[dict], Optional[Hashable]]] = None,
+                 how: str = "") -> list[tuple[Hashable, dict]]:
     """(annotation key, answer) for every answer, in answer order.
 
     `index` maps annotation keys to annotations; `key(record)` finds an answer's annotation key (default: its
-    question id as text), None when it has none. Raises on a malformed answer, an answer without an annotation
-    and two answers to one question."""
+    question id as text), None when it has none; `how` says how the benchmark matches them, for the error of an
+    answer without an annotation. Raises on a malformed answer, an answer without an annotation and two answers
+    to one question."""
     key = key or (lambda record: qid_key(record["question_id"]))
     pairs, seen = [], {}
     for n, record in enumerate(answers, 1):
@@ -90,7 +92,7 @@ def pair_answers(answers: Iterable[dict], source: str, annotations: str, index: 
         field(record, "text", where)
         k = key(record)
         if k is None or k not in index:
-            raise ScoringError(f"{where} has no annotation in {annotations}")
+            raise ScoringError(f"{where} has no annotation in {annotations}" + (f" ({how})" if how else ""))
         if k in seen:
             raise ScoringError(f"{source}: question_id {qid!r} is answered twice (answers {seen[k]} and {n})")
         seen[k] = n
