@@ -481,6 +481,7 @@ def build_model(description: ModelDescription, parallel: ParallelConfig, *, use_
     from himix_megatron.config import build_transformer_config, validate
     from himix_megatron.model import model_class
     from himix_megatron.model.vision import VisionEncoder, build_vision_config, vision_layer_spec
+    from himix_megatron.parallel.encoder import encoder_placement
     from himix_megatron.parallel.pipeline import build_model_chunks
 
     validate(description.language, parallel, description.arch)
@@ -488,11 +489,12 @@ def build_model(description: ModelDescription, parallel: ParallelConfig, *, use_
                                       params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization,
                                       padded_vocab_size=description.padded_vocab_size, **overrides)
     chunks = build_model_chunks(model_class(description.arch), config, description.language, use_te=use_te)
+    placement = encoder_placement(parallel.encoder_tp)  # collective: on every stage
     encoder = None
     if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
         encoder = VisionEncoder(build_vision_config(description.vision, parallel, params_dtype=params_dtype,
                                                     use_cpu_initialization=use_cpu_initialization),
-                                description.vision, spec=vision_layer_spec(use_te))
+                                description.vision, spec=vision_layer_spec(use_te), placement=placement)
     # As Megatron-LM's Float16Module does: every parameter in the training dtype, norms included
     # (some are created in fp32); the optimizer keeps the fp32 main copies. On this rank's device: with
     # use_cpu_initialization megatron builds on the CPU, and CLIPViTModel always builds conv1 and its

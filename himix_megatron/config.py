@@ -110,6 +110,15 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
+    # The frozen vision encoder's own TP size E within each TP group (parallel/encoder.py): T / E copies,
+    # each encoding its share of the images. None: 1, replicated, measured the faster when there are at least
+    # T images to share (the README's "Where the encoder runs"; the trainer picks per its micro-batches).
+    encoder_tensor_model_parallel_size: Optional[int] = None
+
+    @property
+    def encoder_tp(self) -> int:
+        e = self.encoder_tensor_model_parallel_size
+        return 1 if e is None else e
 
 
 LANGUAGE_MODELS: dict[str, LanguageModelConfig] = {
@@ -203,6 +212,10 @@ def validate(lm: LanguageModelConfig, parallel: ParallelConfig, arch: str = "him
         raise ConfigError(
             f"tensor_model_parallel_size={tp} does not divide {lm.name}'s ffn_hidden_size={lm.ffn_hidden_size}"
         )
+    e = parallel.encoder_tp
+    if e < 1 or tp % e:
+        raise ConfigError(f"encoder_tensor_model_parallel_size={e} must be >= 1 and divide "
+                          f"tensor_model_parallel_size={tp}")
     stages = pp * (vpp or 1)
     if lm.num_layers % stages:
         raise ConfigError(

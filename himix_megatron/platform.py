@@ -45,7 +45,7 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -56,7 +56,7 @@ def _mpi_launch(env) -> Launch:
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    addr, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+    addr, port = comm.bcast((socket.gethostname(), free_port()) if rank == 0 else None, root=0)
     local = int(env.get("MPI_LOCALRANKID", env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
     return Launch(rank, comm.Get_size(), local, env.get("MASTER_ADDR", addr), port, "mpi")
 
@@ -85,7 +85,7 @@ def discover_launch(env: Optional[dict] = None) -> Launch:
         )
     if "PMI_RANK" in env or "PMIX_RANK" in env:
         return _mpi_launch(env)
-    return Launch(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return Launch(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 _use_gpu: Optional[bool] = None  # set by initialize(); None before it: whether CUDA is available

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from himix_megatron.platform import free_port
 
 
 def _worker(rank, world_size, port, parallel, fn, args, out_dir):

@@ -165,26 +165,3 @@ def test_old_siglip_configs_still_load_and_bad_fields_are_refused():
 def test_clip_needs_whole_patches():
     with pytest.raises(ConfigError, match="multiple of patch_size"):
         _encoder(dataclasses.replace(TINY, image_size=60))
-
-
-def _tp_features(parallel, state, pixels):
-    from himix_megatron.model.vision import build_vision_config, load_hf_clip_state_dict, VisionEncoder
-
-    encoder = VisionEncoder(build_vision_config(TINY, parallel), TINY)
-    load_hf_clip_state_dict(encoder, state)
-    qkv = encoder.decoder.layers[0].self_attention.linear_qkv.weight
-    return encoder(pixels), tuple(qkv.shape)
-
-
-@pytest.mark.slow
-def test_tp2_features_are_full_on_every_rank():
-    from himix_megatron.config import ParallelConfig
-    from multiprocess import run_world
-
-    hf = _random_hf(TINY)
-    pixels = torch.randn(2, 3, TINY.image_size, TINY.image_size)
-    expected = _hf_features(hf, pixels)
-    parallel = ParallelConfig(tensor_model_parallel_size=2)
-    for features, qkv_shape in run_world(2, parallel, _tp_features, parallel, hf.state_dict(), pixels):
-        assert qkv_shape == (3 * TINY.hidden_size // 2, TINY.hidden_size)  # really sharded
-        torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)

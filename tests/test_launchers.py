@@ -22,12 +22,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from himix_megatron.platform import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -50,12 +51,6 @@ def _env() -> dict:
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _executable(name: str) -> str:
@@ -179,7 +174,7 @@ def test_torchrun_two_nodes(data, reference, tmp_path):
 
     c10d assigns node ranks in order of arrival (torchrun ignores --node-rank outside the static
     backend), so both agents get identical command lines, as on a real cluster."""
-    port = _free_port()
+    port = free_port()
     cmd = [_executable("torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"himix-test-{port}",
            "-m", "himix_megatron.train", *train_flags(data, tmp_path)]

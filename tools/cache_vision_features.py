@@ -28,11 +28,12 @@ def load_encoder(load: str, parallel):
     """The checkpoint's frozen encoder (local spec), loaded alone."""
     from himix_megatron.checkpoint import load_checkpoint, read_description
     from himix_megatron.model.vision import VisionEncoder, build_vision_config, vision_layer_spec
+    from himix_megatron.parallel.encoder import encoder_placement
     from himix_megatron.platform import device
 
     vision = read_description(load).vision
     encoder = VisionEncoder(build_vision_config(vision, parallel, use_cpu_initialization=True), vision,
-                            spec=vision_layer_spec(False))
+                            spec=vision_layer_spec(False), placement=encoder_placement(parallel.encoder_tp))
     load_checkpoint(load, [], encoder=encoder, load_rng=False)
     return encoder.to(device())
 

@@ -19,11 +19,13 @@ Choices:
 - Frozen: parameters have `requires_grad=False` (so DDP and the optimizer never see them), the
   module stays in eval mode whatever `.train()` is called with, and `forward` runs under
   `torch.no_grad()`.
-- Tensor parallelism: QKV/FC1 are column-parallel and proj/FC2 row-parallel; a row-parallel
-  linear all-reduces its output when sequence parallelism is off, so every layer's output (and so
-  the features) is already full and identical on every TP rank: no gather needed. The encoder's
-  config therefore always has `sequence_parallel=False` (CLIPViTModel does not scatter its input),
-  and `pipeline_model_parallel_size=1`: the whole encoder lives on the stage that calls it.
+- Tensor parallelism: the encoder is sharded over E ranks of the TP group and replicated over the
+  T / E copies (parallel/encoder.py chooses E and gathers the copies' shares of the images). Inside a
+  copy, QKV/FC1 are column-parallel and proj/FC2 row-parallel; a row-parallel linear all-reduces its
+  output when sequence parallelism is off, so every layer's output (and so the features) is full and
+  identical on the copy's ranks. The encoder's config therefore always has `sequence_parallel=False`
+  (CLIPViTModel does not scatter its input), and `pipeline_model_parallel_size=1`: the whole encoder
+  lives on the stage that calls it.
 - Layer spec: megatron's `get_vit_layer_with_local_spec` gives the local ViT a *causal* mask
   (megatron-core 0.16.1), which is wrong for SigLIP; the local spec here uses `no_mask` and SDPA.
   With Transformer Engine on a GPU, megatron's TE ViT spec (already `no_mask`) is used.
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -48,10 +51,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import Tensor
 
 from himix_megatron.config import ConfigError, ParallelConfig, VisionModelConfig
 from himix_megatron.model.core_attention import SDPAttention, te_available
+from himix_megatron.parallel.encoder import SHARDED, EncoderPlacement, encode_split, mark_copies_as_replicas
 
 logger = logging.getLogger(__name__)
 
@@ -82,17 +87,16 @@ def build_vision_config(
     params_dtype: torch.dtype = torch.float32,
     **overrides,
 ) -> TransformerConfig:
-    """TransformerConfig for the first `num_layers - 1` encoder layers, sharded over `parallel`'s TP."""
-    tp = parallel.tensor_model_parallel_size
+    """TransformerConfig for the first `num_layers - 1` encoder layers, sharded over `parallel.encoder_tp` ranks."""
+    tp = parallel.encoder_tp
     if vision.num_layers < 2:
         raise ConfigError(f"{vision.name}: num_layers={vision.num_layers}; the penultimate layer needs >= 2")
     if vision.hidden_size % vision.num_attention_heads:
         raise ConfigError(f"{vision.name}: hidden_size is not a multiple of num_attention_heads")
     for field in ("num_attention_heads", "ffn_hidden_size"):
         if getattr(vision, field) % tp:
-            raise ConfigError(
-                f"tensor_model_parallel_size={tp} does not divide {vision.name}'s {field}={getattr(vision, field)}"
-            )
+            raise ConfigError(f"the encoder's tensor-parallel size {tp} (encoder_tensor_model_parallel_size) "
+                              f"does not divide {vision.name}'s {field}={getattr(vision, field)}")
     cuda = torch.cuda.is_available()
     fields = dict(
         num_layers=vision.num_layers - 1,  # penultimate layer: see the module docstring
@@ -161,9 +165,12 @@ def vision_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
 
 
 class VisionEncoder(CLIPViTModel):
-    """Frozen SigLIP or CLIP: `forward(pixel_values [b, 3, H, W]) -> features [N, b, d_v]` (full on every TP rank)."""
+    """Frozen SigLIP or CLIP: `forward(pixel_values [b, 3, H, W]) -> features [N, b, d_v]` (full on every TP rank).
 
-    def __init__(self, config: TransformerConfig, vision: VisionModelConfig, spec: Optional[ModuleSpec] = None):
+    placement: how it sits in its tensor-parallel group (parallel/encoder.py); by default sharded over all of it."""
+
+    def __init__(self, config: TransformerConfig, vision: VisionModelConfig, spec: Optional[ModuleSpec] = None,
+                 placement: EncoderPlacement = SHARDED):
         grid = vision.image_size // vision.patch_size * vision.patch_size
         if vision.kind == "clip":
             if grid != vision.image_size:
@@ -181,9 +188,16 @@ class VisionEncoder(CLIPViTModel):
             # 27 x 27 patches and ignores the last 384 - 378 = 6 pixel rows and columns, as in HF.
             img_h=grid,
             img_w=grid,
+            pg_collection=_with_tp_group(placement.tp_group),
             **kind,
         )
         self.vision = vision
+        self.placement = placement
+        self.tp_group = placement.tp_group or parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        if get_pg_size(self.tp_group) != config.tensor_model_parallel_size:
+            raise ConfigError(f"{vision.name}: the encoder's config has tensor_model_parallel_size="
+                              f"{config.tensor_model_parallel_size} but its placement shards it over "
+                              f"{get_pg_size(self.tp_group)} ranks (build both from one ParallelConfig)")
         self.requires_grad_(False)
         self.train(False)
 
@@ -191,13 +205,37 @@ class VisionEncoder(CLIPViTModel):
         return super().train(False)  # frozen: always eval (no dropout), whatever the caller asks
 
     @torch.no_grad()
-    def forward(self, pixel_values: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, pixel_values: Tensor) -> Tensor:
         size = self.vision.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(f"pixel_values must be [b, 3, {size}, {size}], got {tuple(pixel_values.shape)}")
-        x = super().forward(pixel_values.to(self.conv1.weight.dtype), attention_mask)  # [b, s, h]
+        if self.placement.replicated:
+            return encode_split(self._encode, pixel_values, self.placement)
+        return self._encode(pixel_values)
+
+    def _encode(self, pixel_values: Tensor) -> Tensor:
+        if not len(pixel_values):  # a copy's share when a micro-batch has fewer images than copies
+            return self.conv1.weight.new_empty(self.vision.num_features, 0, self.vision.hidden_size)
+        x = super().forward(pixel_values.to(self.conv1.weight.dtype))  # [b, s, h]
         # SigLIP: drop the first patch; CLIP: drop the class token (it comes first) -> [N, b, h]
         return x[:, 1:].transpose(0, 1).contiguous()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        return mark_copies_as_replicas(super().sharded_state_dict(prefix, sharded_offsets, metadata), self.placement)
+
+    @property
+    def tp_rank_and_size(self) -> tuple[int, int]:
+        """This rank's place among the ranks sharding its copy of the encoder."""
+        return get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
+
+
+def _with_tp_group(tp_group) -> Optional[ProcessGroupCollection]:
+    """megatron's process groups with the encoder's own TP group; None (megatron's own) when it has none."""
+    if tp_group is None:
+        return None
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.tp = tp_group
+    return groups
 
 
 # --- Hugging Face weights ---------------------------------------------------------------------
@@ -228,11 +266,11 @@ def _vision_prefix(hf_state_dict: Mapping[str, Tensor], what: str = "SigLIP") ->
     return prefixes[0]
 
 
-def _full_shape(param: Tensor) -> tuple[int, ...]:
-    """Shape of a parameter before megatron split it over the tensor-parallel ranks."""
+def _full_shape(param: Tensor, tp_size: int) -> tuple[int, ...]:
+    """Shape of a parameter before megatron split it over `tp_size` tensor-parallel ranks."""
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+        shape[param.partition_dim] *= tp_size
     return tuple(shape)
 
 
@@ -316,11 +354,10 @@ def _load_hf_vision(encoder: VisionEncoder, hf_state_dict: Mapping[str, Tensor],
             raise HFWeightError(f"no Hugging Face source for encoder parameter {name!r}")
         return take(f"{hf}{_LAYER_NAMES[module]}.{kind}", shape)
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank, tp_size = encoder.tp_rank_and_size
     with torch.no_grad():
         for name, param in encoder.named_parameters():
-            full = source(name, _full_shape(param))
+            full = source(name, _full_shape(param, tp_size))
             if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
                 full = full.chunk(tp_size, dim=param.partition_dim)[tp_rank]
             param.copy_(full)

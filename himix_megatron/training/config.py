@@ -55,6 +55,11 @@ class TrainConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
+    encoder_tensor_model_parallel_size: Optional[int] = field(default=None, metadata={
+        "help": "the frozen vision encoder's tensor-parallel size E, dividing --tensor-model-parallel-size T: "
+                "T / E copies of it per TP group, each sharded over E ranks and encoding 1/(T/E) of a micro-batch's "
+                "images, then one all-gather of the features (default: 1, replicated, when a micro-batch holds at "
+                "least T images, as packed rows do, else T; measured in the README, 'Where the encoder runs')"})
     # --- batch
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = field(default=None, metadata={"help": "default: micro batch x DP"})
@@ -323,6 +328,16 @@ def default_max_images(packing_seq_length: int) -> int:
 MOD_FLAGS = ("mod_layers", "mod_capacity", "mod_aux_loss_coeff", "mod_threshold", "mod_router_bias", "mod_skip")
 
 
+def encoder_tensor_parallel_size(cfg: TrainConfig) -> int:
+    """--encoder-tensor-model-parallel-size, or the faster placement for these micro-batches (README, "Where the
+    encoder runs"): replicated (1) when a micro-batch has at least as many images as there are TP ranks (a packed
+    row holds many), else sharded (T), since a replicated encoder would leave the ranks without an image idle."""
+    if cfg.encoder_tensor_model_parallel_size is not None:
+        return cfg.encoder_tensor_model_parallel_size
+    tp = cfg.tensor_model_parallel_size
+    return 1 if cfg.packing_seq_length is not None or cfg.micro_batch_size >= tp else tp
+
+
 def parse_mod_layers(value, num_layers: Optional[int] = None) -> tuple[int, ...]:
     """`--mod-layers 3,4,5` (or a YAML list) -> (3, 4, 5); checked against the model's layer count if given."""
     items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
@@ -425,6 +440,10 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
     if world_size % model_parallel:
         raise ConfigError(f"world size {world_size} is not a multiple of --tensor-model-parallel-size x "
                           f"--pipeline-model-parallel-size = {model_parallel}")
+    e = cfg.encoder_tensor_model_parallel_size
+    if e is not None and (e < 1 or cfg.tensor_model_parallel_size % e):
+        raise ConfigError(f"--encoder-tensor-model-parallel-size {e} must divide --tensor-model-parallel-size "
+                          f"{cfg.tensor_model_parallel_size}")
     dp = world_size // model_parallel
     if cfg.micro_batch_size < 1:
         raise ConfigError("--micro-batch-size must be >= 1")

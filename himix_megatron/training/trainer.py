@@ -46,6 +46,7 @@ from himix_megatron.training.config import (
     TrainConfig,
     check,
     check_fp8_vision,
+    encoder_tensor_parallel_size,
     gamma_mod_settings,
     packing_max_images,
 )
@@ -109,7 +110,8 @@ def setup(cfg: TrainConfig) -> Run:
     from himix_megatron.model.core_attention import te_available
 
     parallel = ParallelConfig(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
-                              cfg.virtual_pipeline_model_parallel_size, cfg.sequence_parallel)
+                              cfg.virtual_pipeline_model_parallel_size, cfg.sequence_parallel,
+                              encoder_tensor_parallel_size(cfg))
     launch = platform.discover_launch()
     check(cfg, launch.world_size, te_available=te_available(), cuda=torch.cuda.is_available())
     platform.initialize(parallel, seed=cfg.seed, launch=launch)
