@@ -80,3 +80,18 @@ def test_bench_encoder_prints_every_figure():
                     r"vanilla from images +step +\d+\.\d+ s", r"encoder share of the HiMix step from images: \d+%",
                     r"speedup from caching \(HiMix\): \d+\.\d+x", r"end to end, vanilla / HiMix: \d+\.\d+x"):
         assert re.search(pattern, out.stdout), (pattern, out.stdout)
+
+
+@pytest.mark.slow
+def test_bench_encoder_placement_prints_every_placement():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench_encoder_placement.py"), "--vision-model", "tiny",
+         "--vision-layers", "1", "--images", "1", "3", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^ +(\d+) +(\d+\.\d+) s +(\d+\.\d+)x +(\d+\.\d+) s +(\d+\.\d+)x$", out.stdout, re.M)
+    assert [int(r[0]) for r in rows] == [1, 3], out.stdout
+    assert all(float(r[2]) == 1.0 for r in rows)  # sharded is the reference column
+    assert "sharded (E=2)" in out.stdout and "replicated (E=1)" in out.stdout
