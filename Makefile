@@ -48,7 +48,8 @@ lock:
 # requires (uv keeps the lock's versions as preferences), so a failure here is transformers'. torch is the lock's
 # CPU wheel from pip's find-links. CPU machines only (the lock's torch is the CPU build).
 HF_TESTS  := tests/test_hf_modeling.py tests/test_convert.py tests/test_convert_layout.py tests/test_vision.py tests/test_lmms_eval_interop.py \
-             tests/eval/test_eval_generate.py tests/test_gamma_mod_export.py tests/test_llava_baselines.py
+             tests/eval/test_eval_generate.py tests/test_gamma_mod_export.py tests/test_llava_baselines.py \
+             tests/test_clip_convert.py tests/data/test_image_clip.py
 HF_TESTED := $(shell sed -n 's/^TESTED_TRANSFORMERS = "\(.*\)"$$/\1/p' himix_megatron/hf/__init__.py)
 HF_OLDEST := $(shell sed -n 's/^TESTED_TRANSFORMERS = ">=\([0-9.]*\),<=[0-9.]*"$$/\1/p' himix_megatron/hf/__init__.py)
 HF_NEWEST_TESTED := $(shell sed -n 's/^TESTED_TRANSFORMERS = ">=[0-9.]*,<=\([0-9.]*\)"$$/\1/p' himix_megatron/hf/__init__.py)

@@ -67,8 +67,8 @@ def test_vision_config_from_siglip_model_and_vision_model():
     b = layout.vision_from_hf({"model_type": "siglip", "vision_config": tower, "text_config": {}}, "v")
     assert a == b and a.num_features == 15
     assert layout.vision_from_hf(layout.vision_to_hf(a), "v") == a
-    with pytest.raises(ConversionError, match="model_type='clip_vision_model'"):
-        layout.vision_from_hf({"model_type": "clip_vision_model"}, "v")
+    with pytest.raises(ConversionError, match="model_type='dinov2'"):
+        layout.vision_from_hf({"model_type": "dinov2"}, "v")
 
 
 # --- tensor layouts ----------------------------------------------------------------------------------

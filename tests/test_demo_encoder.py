@@ -50,7 +50,7 @@ def test_normalize_matches_the_loader():
 
 def test_short_training_beats_chance_and_saves_an_importable_siglip(tmp_path):
     from himix_megatron.convert.hf_files import HFTensors, check_tensors, read_config
-    from himix_megatron.convert.layout import siglip_hf_shapes, vision_from_hf
+    from himix_megatron.convert.layout import vision_hf_shapes, vision_from_hf
     from himix_megatron.data.synthetic import SyntheticConfig, generate
 
     for split, seed, n in (("train", 0, 480), ("valid", 1, 150)):
@@ -66,7 +66,7 @@ def test_short_training_beats_chance_and_saves_an_importable_siglip(tmp_path):
 
     vision = vision_from_hf(read_config(out), "demo")
     assert (vision.hidden_size, vision.num_layers, vision.image_size) == (48, 2, 56)
-    check_tensors(HFTensors(out), siglip_hf_shapes(vision, all_layers=True), "vision")
+    check_tensors(HFTensors(out), vision_hf_shapes(vision, all_layers=True), "vision")
 
 
 def test_shards_without_attributes_are_refused(tmp_path):

@@ -143,15 +143,19 @@ def test_the_encoder_tp_must_divide_the_tp():
     assert ParallelConfig(4).encoder_tp == 1 and ParallelConfig(4, encoder_tensor_model_parallel_size=2).encoder_tp == 2
 
 
-def test_the_trainer_replicates_the_encoder_when_every_rank_gets_an_image():
+def test_the_trainer_replicates_the_encoder_when_the_images_split_evenly():
     from himix_megatron.training.config import TrainConfig, encoder_tensor_parallel_size
 
-    def e(**flags):
-        return encoder_tensor_parallel_size(TrainConfig(tensor_model_parallel_size=4, **flags))
+    def e(tp=4, **flags):
+        return encoder_tensor_parallel_size(TrainConfig(tensor_model_parallel_size=tp, **flags))
 
-    assert e(micro_batch_size=4) == 1 and e(micro_batch_size=8) == 1
+    assert e(micro_batch_size=4) == 1 and e(micro_batch_size=8) == 1 and e(tp=2, micro_batch_size=2) == 1
     assert e(micro_batch_size=2) == 4  # two images for four ranks: sharding keeps all four busy
-    assert e(micro_batch_size=1, packing_seq_length=2048) == 1  # a packed row holds many images
+    assert e(micro_batch_size=5) == 4 and e(tp=2, micro_batch_size=3) == 2  # a rank would encode 2 of 5 / 3
+    assert e(micro_batch_size=11) == 1 and e(tp=2, micro_batch_size=7) == 2  # shares 9% / 14% above even
+    assert e(tp=1, micro_batch_size=1) == 1
+    assert e(tp=2, micro_batch_size=1, packing_seq_length=2048) == 1  # a packed row holds many images
+    assert e(tp=8, micro_batch_size=1, packing_seq_length=2048) == 8
     assert e(micro_batch_size=2, encoder_tensor_model_parallel_size=2) == 2  # the flag wins
 
 

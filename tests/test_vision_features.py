@@ -70,18 +70,19 @@ def test_training_from_cached_features_equals_training_from_images(synthetic, ca
     assert _losses(packed_fp32) == _losses(packed_images)  # packed rows read [images, N, d_v] the same way
 
 
-def _store(train, name, encoder_seed_ckpt=None, edit=None):
-    """FeatureStore for `name`, checked against the encoder of `encoder_seed_ckpt` (loaded here)."""
+def _store(train, name, encoder_seed_ckpt=None, edit=None, aspect_ratio="resize"):
+    """The trainer's FeatureStore for `name`, checked against the encoder of `encoder_seed_ckpt` (loaded here)."""
     from cache_vision_features import load_encoder
 
     from himix_megatron import platform
-    from himix_megatron.data.features import FeatureStore, expected_description
-    from himix_megatron.data.image import ImageConfig
+    from himix_megatron.training.config import TrainConfig
+    from himix_megatron.training.data import vision_feature_store
 
     encoder = load_encoder(encoder_seed_ckpt, ParallelConfig())
     vision = encoder.vision if edit is None else dataclasses.replace(encoder.vision, **edit)
+    cfg = TrainConfig(data_path=[train], vision_features=name, image_aspect_ratio=aspect_ratio)
     try:
-        FeatureStore(name, [train], expected_description(vision, ImageConfig(size=vision.image_size), encoder=encoder))
+        vision_feature_store(cfg, vision, encoder)
         return None
     except DataError as e:
         return str(e)
@@ -98,6 +99,8 @@ def test_mismatched_feature_sets_are_refused_by_name(cached, tmp_path):
     assert "computed by a different vision encoder" in other
     [size] = run_world(1, ParallelConfig(), _store, train, "fp32", ckpts[0], {"image_size": 70})
     assert "encoder.image_size is 56, this run's is 70" in size
+    [pad] = run_world(1, ParallelConfig(), _store, train, "fp32", ckpts[0], None, "pad")
+    assert "aspect_ratio" in pad and "'resize'" in pad and "'pad'" in pad, pad
     [missing] = run_world(1, ParallelConfig(), _store, train, "nope", ckpts[0])
     assert "features/nope/features.json is missing" in missing
 

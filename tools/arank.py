@@ -151,7 +151,7 @@ def run(args) -> dict:
                       tokenizer_model=tokenizer_dir, template=template,
                       system_prompt=args.system_prompt, seq_length=args.seq_length, micro_batch_size=1,
                       train_iters=1, num_workers=0, arch="vanilla")
-    loader = ShardLoader(training_data.loader_config(cfg, template, description.vision.image_size, valid=True),
+    loader = ShardLoader(training_data.loader_config(cfg, template, description.vision, valid=True),
                          tokenizer, rank=0, world_size=1)
     recorder = AttentionRanks(model, args.head_reduce)
     samples = 0

@@ -372,7 +372,8 @@ def mode_steps(args, run, data, mode, count):
 
     cfg = train_config(args, data, mode, run.train_iters)
     packing = training_data.packing_config(cfg, run.description.vision.num_features)
-    loader = ShardLoader(training_data.loader_config(cfg, TEMPLATE, 16, num_samples=count * args.global_batch,
+    image_only = dataclasses.replace(run.description.vision, image_size=16)  # cheap: the features are stand-ins
+    loader = ShardLoader(training_data.loader_config(cfg, TEMPLATE, image_only, num_samples=count * args.global_batch,
                                                      packing=packing, group=args.global_batch),
                          run.tokenizer, rank=0, world_size=1)
     mode_run = dataclasses.replace(run, cfg=cfg)

@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-path", nargs="+", required=True, help="shard directories (tools/build_shards.py)")
     p.add_argument("--name", help="the feature set's name (default: the encoder's preset name)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--image-aspect-ratio", default="resize", choices=("resize", "pad"),
+                   help="as himix-train's flag of that name: the runs reading these features must use the same")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     from himix_megatron import platform
     from himix_megatron.data.features import DESCRIPTION, DTYPES, expected_description, feature_file, features_dir, \
         index_sha256, weights_sha256
-    from himix_megatron.data.image import ImageConfig
+    from himix_megatron.data.image import image_config_for
     from himix_megatron.data.shards import ShardDirectory, ShardReader
 
     platform.initialize(ParallelConfig(args.tensor_model_parallel_size))
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
         directories = [ShardDirectory.open(d) for d in args.data_path]
         encoder = load_encoder(args.load, ParallelConfig(args.tensor_model_parallel_size))
         name = args.name or encoder.vision.name
-        image_cfg, dtype = ImageConfig(size=encoder.vision.image_size), DTYPES[args.dtype]
+        image_cfg, dtype = image_config_for(encoder.vision, args.image_aspect_ratio), DTYPES[args.dtype]
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         writer = parallel_state.get_tensor_model_parallel_rank() == 0
         work = [(d, shard) for d in directories for shard in d.shards]

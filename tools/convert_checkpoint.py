@@ -1,6 +1,6 @@
 """Convert checkpoints between Hugging Face and himix_megatron (megatron-core dist checkpoints).
 
-  import: an HF Llama/Qwen2 decoder + a SigLIP vision tower -> a checkpoint at the given TP x PP
+  import: an HF Llama/Qwen2 decoder + a SigLIP or CLIP vision tower -> a checkpoint at the given TP x PP
           (runs TP x PP gloo processes, each building and saving its own shard).
   export: a checkpoint of any TP/PP -> an HF directory.
   import-reference: a checkpoint trained by the authors' reference code (github.com/Xuange923/HiMix,
@@ -28,14 +28,18 @@ layouts:
   hf   arch himix: a trust_remote_code directory: config.json (model_type "himix", auto_map),
        configuration_himix.py + modeling_himix.py (HiMixForCausalLM), sharded safetensors with
        model.safetensors.index.json, the tokenizer with an <image> token, generation_config.json,
-       and a SigLIP preprocessor_config.json. Loads in transformers with
+       and the tower's preprocessor_config.json (SiglipImageProcessor, or CLIPImageProcessor: shortest
+       edge, centre crop, OpenAI mean / std; the loader's preprocessing), the tower a
+       SiglipVisionModel or CLIPVisionModel as the checkpoint's encoder is. Loads in transformers with
        AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) and generates
        (pixel_values=...). lmms-eval and VLMEvalKit have no HiMix entry: each needs a small model
        wrapper around that call.
        arch vanilla: transformers' own LlavaForConditionalGeneration (no remote code) with a
        LlavaProcessor, in the on-disk layout transformers 4 and 5 both read (that of the llava-hf
-       releases). Serves transformers and lmms-eval's `llava_hf` model type directly; VLMEvalKit
-       needs a config entry pointing one of its LLaVA-HF model classes at the directory.
+       releases); a SigLIP or CLIP vision_config, vision_feature_layer -2, strategy "default" (the
+       first token dropped: SigLIP's first patch, CLIP's class token). Serves transformers and
+       lmms-eval's `llava_hf` model type directly; VLMEvalKit needs a config entry pointing one of
+       its LLaVA-HF model classes at the directory.
        With --fastv-k/--fastv-r: remote code instead (model_type "llava_baselines",
        modeling_llava_baselines.py), loaded with trust_remote_code=True; himix-eval reads it too.
   arch uniform / hierarchical (the paper's ablations) have no HF model and are refused.
@@ -50,7 +54,8 @@ def main(argv=None) -> int:
 
     imp = sub.add_parser("import", help="Hugging Face -> megatron checkpoint")
     imp.add_argument("--hf-llm", required=True, help="LlamaForCausalLM / Qwen2ForCausalLM directory")
-    imp.add_argument("--hf-vision", required=True, help="SiglipVisionModel or SiglipModel directory")
+    imp.add_argument("--hf-vision", required=True, help="SiglipVisionModel / CLIPVisionModel directory, or a SiglipModel / CLIPModel one "
+                                                           "(its vision tower)")
     imp.add_argument("--arch", required=True, choices=["himix", "vanilla", "uniform", "hierarchical"])
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
     imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -79,8 +84,8 @@ def main(argv=None) -> int:
     exp.add_argument("--output", required=True, help="HF directory to create")
     exp.add_argument("--layout", default="hf", choices=["hf"], help="output layout (see below)")
     exp.add_argument("--hf-vision", default=None,
-                     help="SigLIP directory for the tensors our encoder does not hold (last layer, post_layernorm, "
-                          "head) when the checkpoint lacks hf_vision_extra.safetensors")
+                     help="the SigLIP / CLIP directory imported, for the tensors our encoder does not hold (last "
+                          "layer, post_layernorm, SigLIP's head) when the checkpoint lacks hf_vision_extra.safetensors")
     exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="tensor dtype on disk; auto = as stored in the checkpoint")
     exp.add_argument("--max-shard-size", default="5GB")

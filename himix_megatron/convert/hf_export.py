@@ -7,8 +7,8 @@ A dist checkpoint is layout-free, so the export loads it into a TP=1/PP=1 model 
   `HiMixForCausalLM`, the weights as `model.*`, `lm_head.weight`, `vision_tower.vision_model.*`.
 - arch vanilla: transformers' own `LlavaForConditionalGeneration` (no remote code), in the on-disk layout
   transformers 4 and 5 both load (`language_model.model.*`, `multi_modal_projector.*`,
-  `vision_tower.vision_model.*`). `vision_feature_select_strategy="default"` drops the first patch like
-  our encoder. `<image>` is added to the tokenizer; its id is the first one past the tokenizer's
+  `vision_tower.vision_model.*`). `vision_feature_select_strategy="default"` drops the first token like
+  our encoder (SigLIP's first patch, CLIP's class token). `<image>` is added to the tokenizer; its id is the first one past the tokenizer's
   vocabulary, and the embedding (and untied LM head) grows by zero rows when that id is past the
   model's vocabulary. Zero rows: the image token's embedding is always replaced by the image
   features. Whenever `<image>` has a row in the LM head, generation_config.json suppresses it.
@@ -20,8 +20,10 @@ A dist checkpoint is layout-free, so the export loads it into a TP=1/PP=1 model 
   `model.multi_modal_projector.*`, `lm_head.weight`): transformers applies no renaming to remote code.
 - arch uniform / hierarchical are the paper's ablations and have no HF model: refused.
 
-The SigLIP tower is written whole when the tensors our encoder does not hold (last layer,
-post_layernorm, head) are available, from `--hf-vision` or the checkpoint's
+The vision tower follows the encoder's kind: a SiglipVisionModel (SiglipVisionConfig, SiglipImageProcessor) or a
+CLIPVisionModel (CLIPVisionConfig, CLIPImageProcessor: shortest edge, centre crop, OpenAI mean / std), configured
+as the loader preprocesses (`data.image.image_config_for`). It is written whole when the tensors our encoder does
+not hold (last layer, post_layernorm, SigLIP's head) are available, from `--hf-vision` or the checkpoint's
 `hf_vision_extra.safetensors` (written by the import), with `vision_feature_layer = -2`. Otherwise the
 tower is written without its last layer and with `vision_feature_layer = -1`, which selects the same
 features; its post_layernorm, which no feature passes through, is then the identity (ones, zeros).
@@ -202,15 +204,16 @@ def gamma_mod_baselines(record: dict) -> dict:
 
 
 def _vision_tower(vision_state, v, iter_dir: str, hf_vision: Optional[str], log) -> tuple[dict, dict, int]:
-    """(SiglipVisionModel-relative tensors, SigLIP config, vision_feature_layer)."""
+    """(SiglipVisionModel / CLIPVisionModel-relative tensors, its config fields, vision_feature_layer)."""
     from himix_megatron.model.vision import _vision_prefix
 
+    tower = layout.TOWER_NAMES[v.kind]
     tensors = layout.hf_vision_tensors(vision_state, v)
     config = layout.vision_to_hf(v)
     extra, where = None, None
     if hf_vision:
         source = HFTensors(hf_vision)
-        prefix = _vision_prefix(source)
+        prefix = _vision_prefix(source, tower)
         extra = {k[len(prefix):]: source[k] for k in source if k.startswith(prefix)}
         where = hf_vision
     elif os.path.isfile(os.path.join(iter_dir, VISION_EXTRA)):
@@ -218,19 +221,22 @@ def _vision_tower(vision_state, v, iter_dir: str, hf_vision: Optional[str], log)
 
         extra, where = load_file(os.path.join(iter_dir, VISION_EXTRA)), os.path.join(iter_dir, VISION_EXTRA)
     if extra is not None:
-        needed = {k: s for k, s in layout.siglip_hf_shapes(v, all_layers=True).items() if k not in tensors}
-        needed.update({f"post_layernorm.{k}": (v.hidden_size,) for k in ("weight", "bias")})
+        needed = {k: s for k, s in layout.vision_hf_shapes(v, all_layers=True).items() if k not in tensors}
         for key, shape in needed.items():
             if key not in extra or tuple(extra[key].shape) != shape:
-                raise ConversionError(f"{where}: SigLIP tensor {key!r} is missing or not of shape {shape}")
-        head = [k for k in extra if k.startswith("head.")]  # the pooling head is optional in SigLIP configs
-        tensors.update({k: extra[k] for k in [*needed, *head]})
-        config["vision_use_head"] = bool(head)
+                raise ConversionError(f"{where}: {tower} tensor {key!r} is missing or not of shape {shape}")
+        tensors.update({k: extra[k] for k in needed})
+        if v.kind == "siglip":  # the pooling head is optional in SigLIP configs; CLIP towers have none
+            head = [k for k in extra if k.startswith("head.")]
+            tensors.update({k: extra[k] for k in head})
+            config["vision_use_head"] = bool(head)
         return tensors, config, -2
-    log("warning: the SigLIP tensors our encoder does not hold (last layer, post_layernorm, head) are not "
-        f"available (no --hf-vision, no {VISION_EXTRA}): writing the tower without its last layer, "
-        "vision_feature_layer=-1 (the same features)")
-    config.update(num_hidden_layers=v.num_layers - 1, vision_use_head=False)
+    log(f"warning: the {tower} tensors our encoder does not hold (last layer, post_layernorm"
+        f"{', head' if v.kind == 'siglip' else ''}) are not available (no --hf-vision, no {VISION_EXTRA}): writing "
+        "the tower without its last layer, vision_feature_layer=-1 (the same features)")
+    config["num_hidden_layers"] = v.num_layers - 1
+    if v.kind == "siglip":
+        config["vision_use_head"] = False
     tensors.update({"post_layernorm.weight": torch.ones(v.hidden_size),
                     "post_layernorm.bias": torch.zeros(v.hidden_size)})
     return tensors, config, -1
@@ -270,11 +276,19 @@ def _tokenizer(iter_dir: str, out: str, log) -> tuple[Optional[int], dict]:
 
 
 def _image_processor(v):
-    from transformers import SiglipImageProcessor
+    """The tower's own transformers image processor, configured as the loader preprocesses for it
+    (`data.image.image_config_for`), so exported models see training's pixels."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-    return SiglipImageProcessor(do_resize=True, size={"height": v.image_size, "width": v.image_size}, resample=3,
-                                do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    from himix_megatron.data.image import image_config_for
+
+    cfg = image_config_for(v)
+    common = dict(do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                  image_mean=list(cfg.channel_mean), image_std=list(cfg.channel_std))
+    if cfg.resize_mode == "shortest_edge":
+        return CLIPImageProcessor(size={"shortest_edge": cfg.size}, do_center_crop=True,
+                                  crop_size={"height": cfg.size, "width": cfg.size}, **common)
+    return SiglipImageProcessor(size={"height": cfg.size, "width": cfg.size}, **common)
 
 
 def _export_himix(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids):
@@ -296,7 +310,7 @@ def _export_himix(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids
 
 
 def _export_vanilla(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids):
-    from transformers import LlavaConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig
+    from transformers import AutoConfig, LlavaConfig, LlamaConfig, Qwen2Config
 
     lm = d.language
     lm_tensors, leftover = layout.hf_lm_tensors(state, lm)
@@ -321,7 +335,8 @@ def _export_vanilla(d, state, tower, vision_cfg, feature_layer, tmp, image_id, i
     text_fields = {k: v for k, v in layout.language_to_hf(lm).items() if k != "model_type"}
     text_fields.update(ids, vocab_size=vocab)
     text = (Qwen2Config if lm.qkv_bias else LlamaConfig)(**text_fields)
-    config = LlavaConfig(text_config=text, vision_config=SiglipVisionConfig(**vision_cfg), image_token_index=image_id,
+    vision = AutoConfig.for_model(**vision_cfg)  # SiglipVisionConfig or CLIPVisionConfig, by model_type
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_id,
                          image_seq_length=d.vision.num_features, vision_feature_layer=feature_layer,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
                          multimodal_projector_bias=True, tie_word_embeddings=lm.tie_embeddings,
@@ -517,9 +532,10 @@ def _save_llava_processor(image_processor, out: str, v) -> None:
     from transformers import AutoTokenizer, LlavaProcessor
 
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    # SigLIP has no CLS token: (image_size / patch)^2 patches, minus the first one ("default" strategy).
+    # (image_size / patch)^2 patches, plus CLIP's class token, minus the first token ("default" strategy):
+    # SigLIP loses its first patch, CLIP its class token.
     LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=0,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=int(v.class_token),
                    image_token=IMAGE_TOKEN).save_pretrained(out)
     # transformers 5 nests the image processor in processor_config.json; transformers 4 (which most eval
     # harnesses pin) reads it from preprocessor_config.json and passes every processor_config.json key to

@@ -1,4 +1,4 @@
-"""Hugging Face Llama/Qwen2 decoder + SigLIP vision tower -> a megatron checkpoint at any TP/PP.
+"""Hugging Face Llama/Qwen2 decoder + SigLIP or CLIP vision tower -> a megatron checkpoint at any TP/PP.
 
 The import really runs at the requested layout: TP x PP gloo ranks are spawned, each builds its own
 shard of the model with `checkpoint.build_model`, fills it from the HF files (each rank reads only the
@@ -12,9 +12,11 @@ Parameters HF does not have are new and reported: HiMix's RMSNorm_v (ones) and v
 models (weights normal(std), biases zero). They are seeded by name, so the same import at another TP/PP
 gives the same values.
 
-The SigLIP tensors the encoder does not hold (its last layer, post_layernorm and head: HiMix reads the
+The vision tower is a SiglipVisionModel or CLIPVisionModel directory, or a SiglipModel or CLIPModel one (its
+vision tower is read; `layout.vision_from_hf` maps the config, `model/vision.py` the weights). The tower's
+tensors the encoder does not hold (its last layer, post_layernorm and SigLIP's head: HiMix reads the
 penultimate layer) are kept next to the checkpoint in `hf_vision_extra.safetensors`, so an export can
-write the complete SigLIP tower again.
+write the complete tower again.
 
 The output directory appears only when complete: everything is written to `<output>.tmp-<pid>` and
 renamed at the end; a failure removes it.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
@@ -37,6 +38,7 @@ from himix_megatron.config import ARCHS, ConfigError, ParallelConfig, validate
 from himix_megatron.convert import layout
 from himix_megatron.convert.hf_files import HFTensors, check_tensors, read_config, stage_tokenizer
 from himix_megatron.convert.layout import ConversionError
+from himix_megatron.platform import free_port
 
 VISION_EXTRA = CARRIED_FILES[0]  # hf_vision_extra.safetensors
 
@@ -72,8 +74,8 @@ def plan_import(hf_llm: str, hf_vision: str, arch: str, parallel: ParallelConfig
     build_vision_config(vision, parallel)  # TP must divide the vision heads and FFN too
     check_tensors(HFTensors(hf_llm), layout.lm_hf_shapes(lm), "language model")
     vision_tensors = HFTensors(hf_vision)
-    prefix = _vision_prefix(vision_tensors)
-    check_tensors(vision_tensors, {prefix + k: s for k, s in layout.siglip_hf_shapes(vision).items()}, "vision")
+    prefix = _vision_prefix(vision_tensors, layout.TOWER_NAMES[vision.kind])
+    check_tensors(vision_tensors, {prefix + k: s for k, s in layout.vision_hf_shapes(vision).items()}, "vision")
     return ImportPlan(hf_llm, hf_vision, ModelDescription(arch, lm, vision, template), parallel, seed)
 
 
@@ -98,7 +100,7 @@ def fill_from_hf(model_chunks: Sequence[torch.nn.Module], encoder, description: 
     """
     from megatron.core import parallel_state
 
-    from himix_megatron.model.vision import load_hf_siglip_state_dict
+    from himix_megatron.model.vision import load_hf_vision_state_dict
 
     lm = description.language
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -131,7 +133,7 @@ def fill_from_hf(model_chunks: Sequence[torch.nn.Module], encoder, description: 
     if encoder is not None:
         if vision_tensors is None:
             raise ConversionError("this rank holds the vision encoder but no vision tensors were given")
-        unused = load_hf_siglip_state_dict(encoder, vision_tensors)
+        unused = load_hf_vision_state_dict(encoder, vision_tensors)
     return new, unused
 
 
@@ -145,12 +147,12 @@ def rank_environment(rank: int, world: int, port: int) -> None:
 def save_imported(rank: int, chunks, encoder, description, vision, unused: list, tmp: str, staging: str,
                   report: dict) -> None:
     """Every import rank's last step: its shard of the iteration-0 checkpoint (rank 0 adds the tokenizer and
-    the SigLIP tensors the encoder leaves out), and its report for the parent process."""
+    the vision tower tensors the encoder leaves out), and its report for the parent process."""
     from himix_megatron.checkpoint import save_checkpoint
 
     tokenizer = os.path.join(staging, "tokenizer")
     extra = {}
-    if rank == 0:  # first stage: it holds the encoder, so it knows which SigLIP tensors were left out
+    if rank == 0:  # first stage: it holds the encoder, so it knows which tower tensors were left out
         extra[VISION_EXTRA] = os.path.join(staging, VISION_EXTRA)
         _save_vision_extra(vision, unused, extra[VISION_EXTRA])
     save_checkpoint(tmp, chunks, description, iteration=0, encoder=encoder,
@@ -232,7 +234,7 @@ def spawn_import(rank_fn, plan, parallel: ParallelConfig, output: str,
         tokenizer_files = stage_tokenizer_to(os.path.join(staging, "tokenizer"))
         os.makedirs(tmp)
         try:
-            mp.start_processes(rank_fn, args=(world, _free_port(), plan, tmp, staging), nprocs=world,
+            mp.start_processes(rank_fn, args=(world, free_port(), plan, tmp, staging), nprocs=world,
                                join=True, start_method="spawn")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             # A rank raised (the traceback's last line names the error) or was killed.
@@ -245,12 +247,6 @@ def spawn_import(rank_fn, plan, parallel: ParallelConfig, output: str,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return results, tokenizer_files
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read_json(path: str) -> dict:
@@ -270,5 +266,6 @@ def _log_report(r: ImportReport, parallel: ParallelConfig, log: Callable[[str], 
     log(f"new parameters (not in the Hugging Face checkpoints), {len(r.new_parameters)}:")
     for name in r.new_parameters:
         log(f"  {name}")
-    log(f"SigLIP tensors the encoder does not use (kept in {VISION_EXTRA}), {len(r.unused_vision_tensors)}")
+    log(f"{layout.TOWER_NAMES[d.vision.kind]} tensors the encoder does not use (kept in {VISION_EXTRA}), "
+        f"{len(r.unused_vision_tensors)}")
     log(f"tokenizer files: {', '.join(r.tokenizer_files) or 'none'}")

@@ -28,6 +28,11 @@ rank needs [gate_r; up_r], so gate and up are split separately. The vocabulary i
 
 RoPE: megatron's default (non-interleaved, rotate-half) is the HF Llama convention, so Q/K rows need no
 permutation.
+
+Vision tower (SiglipVisionModel / CLIPVisionModel-relative names): the layers as model/vision.py loads them,
+plus conv1 -> embeddings.patch_embedding (bias-free for CLIP), position_embeddings -> embeddings.position_embedding
+(CLIP: the class token's position first) and, CLIP only, class_token [1, 1, d] -> embeddings.class_embedding [d]
+and ln_pre -> pre_layrnorm (`hf_vision_tensors`, `vision_hf_shapes`).
 """
 
 from __future__ import annotations
@@ -125,31 +130,54 @@ def language_to_hf(lm: LanguageModelConfig) -> dict:
     return fields
 
 
+# transformers' vision model_type -> (our VisionModelConfig.kind, the composite model_type whose
+# `vision_config` holds the tower: SiglipModel / CLIPModel).
+VISION_TOWERS = {"siglip_vision_model": ("siglip", "siglip"), "clip_vision_model": ("clip", "clip")}
+_COMPOSITE = {composite: tower for tower, (_, composite) in VISION_TOWERS.items()}
+TOWER_NAMES = {"siglip": "SigLIP", "clip": "CLIP"}  # VisionModelConfig.kind -> the name messages use
+
+
 def vision_from_hf(cfg: dict, name: str, where: str = "config.json") -> VisionModelConfig:
-    """Our VisionModelConfig from a SiglipVisionModel config, or the vision tower of a SiglipModel config."""
-    from transformers import SiglipVisionConfig
+    """Our VisionModelConfig from a SiglipVisionModel / CLIPVisionModel config, or the vision tower of a
+    SiglipModel / CLIPModel config; anything the encoder would compute differently is refused."""
+    import transformers
+
+    from himix_megatron.config import VISION_ACTIVATIONS
 
     model_type = cfg.get("model_type")
-    if model_type == "siglip":
-        cfg = cfg.get("vision_config") or {}
-    elif model_type != "siglip_vision_model":
-        raise ConversionError(f"{where}: unsupported vision tower model_type={model_type!r}; "
-                              "supported: SiglipVisionModel, or the vision tower of a SiglipModel")
-    c = SiglipVisionConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")})
-    if c.hidden_act != "gelu_pytorch_tanh":
-        raise ConversionError(f"{where}: vision hidden_act={c.hidden_act!r} is not supported (SigLIP's "
-                              "gelu_pytorch_tanh is what the encoder computes)")
+    if model_type in _COMPOSITE:
+        model_type, cfg = _COMPOSITE[model_type], cfg.get("vision_config") or {}
+    if model_type not in VISION_TOWERS:
+        raise ConversionError(f"{where}: unsupported vision tower model_type={model_type!r}; supported: "
+                              "SiglipVisionModel or CLIPVisionModel, or the vision tower of a SiglipModel or CLIPModel")
+    kind = VISION_TOWERS[model_type][0]
+    config_class = transformers.CLIPVisionConfig if kind == "clip" else transformers.SiglipVisionConfig
+    c = config_class(**{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")})
+
+    def refuse(field, value, why):
+        raise ConversionError(f"{where}: vision {field}={value!r} is not supported: {why}")
+
+    if kind == "siglip" and c.hidden_act != "gelu_pytorch_tanh":
+        refuse("hidden_act", c.hidden_act, "SigLIP's gelu_pytorch_tanh is what the encoder computes")
+    if c.hidden_act not in VISION_ACTIVATIONS:  # the encoder's activations (model/vision.py ACTIVATIONS)
+        refuse("hidden_act", c.hidden_act, f"the encoder computes one of {list(VISION_ACTIVATIONS)}")
     if c.num_channels != 3:
-        raise ConversionError(f"{where}: vision num_channels={c.num_channels} is not supported (RGB only)")
+        refuse("num_channels", c.num_channels, "RGB only")
+    if kind == "clip" and c.image_size % c.patch_size:
+        refuse("image_size", c.image_size, f"not a multiple of patch_size={c.patch_size}: CLIP's position "
+               "embeddings cover whole patches")
     return VisionModelConfig(name=name, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
                              num_attention_heads=c.num_attention_heads, ffn_hidden_size=c.intermediate_size,
-                             image_size=c.image_size, patch_size=c.patch_size, norm_epsilon=c.layer_norm_eps)
+                             image_size=c.image_size, patch_size=c.patch_size, norm_epsilon=c.layer_norm_eps,
+                             kind=kind, hidden_act=c.hidden_act)
 
 
 def vision_to_hf(v: VisionModelConfig) -> dict:
-    return dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
+    """The SiglipVisionConfig / CLIPVisionConfig fields of `v` (the inverse of `vision_from_hf`)."""
+    model_type = next(t for t, (kind, _) in VISION_TOWERS.items() if kind == v.kind)
+    return dict(model_type=model_type, hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
                 num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads, num_channels=3,
-                image_size=v.image_size, patch_size=v.patch_size, hidden_act="gelu_pytorch_tanh",
+                image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act,
                 layer_norm_eps=v.norm_epsilon, attention_dropout=0.0)
 
 
@@ -338,9 +366,18 @@ def hf_lm_tensors(state: Mapping[str, Tensor], lm: LanguageModelConfig) -> tuple
     return out, rest_names
 
 
+# Our encoder's parameters outside its layers -> SiglipVisionModel / CLIPVisionModel-relative names (the layers
+# share model/vision.py's `_LAYER_NAMES`). CLIP has the class token and the pre-LayerNorm (`pre_layrnorm`, sic,
+# transformers' name) and a bias-free patch conv; SigLIP has neither of the first two.
+_EMBEDDING_NAMES = {"conv1.weight": "embeddings.patch_embedding.weight", "conv1.bias": "embeddings.patch_embedding.bias",
+                    "position_embeddings.weight": "embeddings.position_embedding.weight",
+                    "class_token": "embeddings.class_embedding",
+                    "ln_pre.weight": "pre_layrnorm.weight", "ln_pre.bias": "pre_layrnorm.bias"}
+
+
 def hf_vision_tensors(state: Mapping[str, Tensor], v: VisionModelConfig) -> dict[str, Tensor]:
-    """SiglipVisionModel-relative names ("embeddings.*", "encoder.layers.*") from our encoder's TP=1 state.
-    The inverse of model/vision.py's `load_hf_siglip_state_dict`, whose name table it shares."""
+    """SiglipVisionModel / CLIPVisionModel-relative names ("embeddings.*", "encoder.layers.*") from our encoder's
+    TP=1 state. The inverse of model/vision.py's `load_hf_vision_state_dict`, whose name table it shares."""
     from himix_megatron.model.vision import _FROM_TE, _LAYER_NAMES
 
     heads = v.num_attention_heads
@@ -348,11 +385,9 @@ def hf_vision_tensors(state: Mapping[str, Tensor], v: VisionModelConfig) -> dict
     for name, t in state.items():
         if name.endswith("._extra_state"):
             continue
-        if name in ("conv1.weight", "conv1.bias"):
-            out["embeddings.patch_embedding." + name.split(".")[1]] = t
-            continue
-        if name == "position_embeddings.weight":
-            out["embeddings.position_embedding.weight"] = t
+        if name in _EMBEDDING_NAMES:
+            # CLIP's class token is [1, 1, d] in megatron, [d] in HF
+            out[_EMBEDDING_NAMES[name]] = t.reshape(-1) if name == "class_token" else t
             continue
         match = _LAYER.fullmatch(name)
         if not match:
@@ -371,12 +406,18 @@ def hf_vision_tensors(state: Mapping[str, Tensor], v: VisionModelConfig) -> dict
     return out
 
 
-def siglip_hf_shapes(v: VisionModelConfig, all_layers: bool = False) -> dict[str, tuple[int, ...]]:
-    """SiglipVisionModel-relative names and shapes of what the encoder reads: the embeddings and layers
-    0..L-2 (the penultimate layer's output is the feature), or every layer with `all_layers`."""
+def vision_hf_shapes(v: VisionModelConfig, all_layers: bool = False) -> dict[str, tuple[int, ...]]:
+    """SiglipVisionModel / CLIPVisionModel-relative names and shapes of what the encoder reads: the embeddings
+    (CLIP: the class token and pre-LayerNorm too) and layers 0..L-2 (the penultimate layer's output is the
+    feature). With `all_layers`, the complete tower: every layer and the post-LayerNorm (SigLIP's optional
+    pooling head aside)."""
     d, f, p = v.hidden_size, v.ffn_hidden_size, v.patch_size
-    shapes = {"embeddings.patch_embedding.weight": (d, 3, p, p), "embeddings.patch_embedding.bias": (d,),
-              "embeddings.position_embedding.weight": (v.num_patches, d)}
+    shapes = {"embeddings.patch_embedding.weight": (d, 3, p, p),
+              "embeddings.position_embedding.weight": (v.seq_length, d)}  # CLIP: the class token's position first
+    if v.kind == "clip":
+        shapes.update({"embeddings.class_embedding": (d,), "pre_layrnorm.weight": (d,), "pre_layrnorm.bias": (d,)})
+    else:
+        shapes["embeddings.patch_embedding.bias"] = (d,)
     for i in range(v.num_layers if all_layers else v.num_layers - 1):
         q = f"encoder.layers.{i}."
         for norm in ("layer_norm1", "layer_norm2"):
@@ -385,4 +426,6 @@ def siglip_hf_shapes(v: VisionModelConfig, all_layers: bool = False) -> dict[str
             shapes.update({f"{q}self_attn.{proj}.weight": (d, d), f"{q}self_attn.{proj}.bias": (d,)})
         shapes.update({q + "mlp.fc1.weight": (f, d), q + "mlp.fc1.bias": (f,),
                        q + "mlp.fc2.weight": (d, f), q + "mlp.fc2.bias": (d,)})
+    if all_layers:
+        shapes.update({"post_layernorm.weight": (d,), "post_layernorm.bias": (d,)})
     return shapes

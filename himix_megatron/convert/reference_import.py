@@ -446,6 +446,9 @@ def plan_reference(directory: str, parallel: ParallelConfig, template: Optional[
     _check_text_math(ref, ref.lm_config)
     lm = layout.language_from_hf(ref.lm_config, f"reference:{base}", ref.lm_config_where)
     vision = layout.vision_from_hf(ref.vision_config, f"reference:{base}/vision_tower", ref.vision_config_where)
+    if vision.kind != "siglip":  # HiMix's reference code builds only SigLIP towers
+        raise ConversionError(f"{ref.vision_config_where}: a {layout.TOWER_NAMES[vision.kind]} vision tower; the "
+                              "reference checkpoints HiMix's code writes have a SigLIP one")
     _check_vision_math(ref, ref.lm_config, vision.num_layers, vision.hidden_size)
     validate(lm, parallel, "himix")
     build_vision_config(vision, parallel)  # TP must divide the vision heads and FFN too
@@ -453,7 +456,7 @@ def plan_reference(directory: str, parallel: ParallelConfig, template: Optional[
     view, vision_tensors = open_tensors(ref, lm)
     _check_lm_tensors(view, lm, vision.hidden_size, ref.lm_config_where)
     prefix = _vision_prefix(vision_tensors)
-    for key, shape in layout.siglip_hf_shapes(vision).items():
+    for key, shape in layout.vision_hf_shapes(vision).items():
         key = prefix + key
         if key not in vision_tensors:
             raise ConversionError(f"{_weights_file(vision_tensors)}: missing vision tower tensor {key!r}")

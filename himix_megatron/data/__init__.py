@@ -6,7 +6,8 @@
 - build.py     resumable, parallel shard building (CLI: tools/build_shards.py)
 - tokenizer.py sentencepiece / tokenizer.json behind one interface, local files only
 - templates.py plain, vicuna_v1, llama3, qwen2; exact label masks
-- image.py     SigLIP preprocessing (bicubic resize, mean = std = 0.5, optional pad-to-square)
+- image.py     the tower's own preprocessing (image_config_for): SigLIP (bicubic resize, mean = std = 0.5) or
+               CLIP (shortest edge, centre crop, OpenAI mean / std); optional pad-to-square
 - sampler.py   the global sample order: epochs, blends, data-parallel split
 - loader.py    the per-rank loader: workers, save/restore, bad-data accounting
 - collate.py   megatron-style shifted tokens / labels / loss_mask batches

@@ -12,8 +12,8 @@ Layout, inside each shard directory D (tools/build_shards.py's output):
                                                metadata "ids": the samples' ids, in shard order
 
 features.json records the encoder (its preset name, the sha256 of its weights, and a fingerprint: its
-features of a fixed probe image), the preprocessing (resolution, aspect ratio, mean, std), the feature
-layer and selection, the dtype, and the sha256 of D/index.json (which samples, in which shards). Training
+features of a fixed probe image), the preprocessing (resolution, aspect ratio, mean, std, resize mode: SigLIP's
+square resize or CLIP's shortest edge and centre crop), the feature layer and selection, the dtype, and the sha256 of D/index.json (which samples, in which shards). Training
 refuses a feature set whose encoder, resolution, preprocessing or samples differ from its own, naming the
 field. The fingerprint is what training compares (within 2e-2, relative): a TP-sharded encoder cannot hash
 its full weights without gathering them, and the same weights give the same probe features up to kernel
@@ -39,8 +39,12 @@ FORMAT, VERSION = "himix-vision-features", 1
 DESCRIPTION = "features.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 FINGERPRINT_RTOL = 2e-2
-# What our encoder hands the decoder (model/vision.py): SigLIP's penultimate layer, its first patch dropped.
-FEATURE_LAYER, SELECTION = -2, "drop_first_patch"
+# What our encoder hands the decoder (model/vision.py): the penultimate layer, without SigLIP's first patch or
+# CLIP's class token.
+FEATURE_LAYER, SELECTION = -2, {"siglip": "drop_first_patch", "clip": "drop_class_token"}
+# Preprocessing fields recorded since they were added, with the value every feature set made before had (all
+# were SigLIP's), so those still load.
+_PREPROCESSING_BEFORE = {"resize_mode": "square"}
 
 
 def features_dir(data_dir: str, name: str) -> str:
@@ -86,13 +90,19 @@ def expected_description(vision, image_cfg, dtype: Optional[str] = None, encoder
     `dtype` any stored dtype is accepted; without `encoder` (a later pipeline stage) the fingerprint is not
     checked: the first stage, which holds the encoder, checks it."""
     encoder_fields = {"name": vision.name, "image_size": vision.image_size, "feature_layer": FEATURE_LAYER,
-                      "selection": SELECTION}
+                      "selection": SELECTION[vision.kind]}
     if encoder is not None:
         encoder_fields["fingerprint"] = fingerprint(encoder)
     return {"format": FORMAT, "version": VERSION, "dtype": dtype, "shape": [vision.num_features, vision.hidden_size],
             "encoder": encoder_fields,
             "preprocessing": {"size": image_cfg.size, "aspect_ratio": image_cfg.aspect_ratio,
-                              "mean": image_cfg.mean, "std": image_cfg.std}}
+                              "mean": _json(image_cfg.mean), "std": _json(image_cfg.std),
+                              "resize_mode": image_cfg.resize_mode}}
+
+
+def _json(value):
+    """A per-channel mean / std as JSON reads it back (a list), so a stored one compares equal."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def check_description(found: dict, expected: dict, where: str) -> None:
@@ -102,6 +112,8 @@ def check_description(found: dict, expected: dict, where: str) -> None:
             raise DataError(f"{where}: {key} is {found.get(key)!r}, this run needs {expected[key]!r}")
     for section in ("encoder", "preprocessing"):
         got = found.get(section, {})
+        if section == "preprocessing":
+            got = {**_PREPROCESSING_BEFORE, **got}
         for key, want in expected[section].items():
             if key == "fingerprint":
                 have = torch.tensor(got.get(key, []), dtype=torch.float64)

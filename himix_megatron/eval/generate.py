@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from himix_megatron.data.image import ImageConfig
+from himix_megatron.data.image import ImageConfig, image_config_for
 from himix_megatron.data.templates import TemplateConfig
 from himix_megatron.eval.prompts import EvalError, Question, load_image, prompt_ids
 
@@ -107,8 +107,17 @@ def load_model(directory: str, *, template: Optional[str], system_prompt: Option
     log(f"model {directory}: arch {arch}, template {name}, {dtype}".replace("torch.", ""))
     return Model(model.to(device).eval(), arch, tokenizer,
                  TemplateConfig(name, image="remove", system=system_prompt, image_token_index=image_id),
-                 ImageConfig(size=vision.image_size, aspect_ratio=aspect_ratio),
+                 _image_config(vision, directory, aspect_ratio),
                  getattr(config, "image_seq_length", 0), sorted(set(stop)), device)
+
+
+def _image_config(vision_config, directory: str, aspect_ratio: str) -> ImageConfig:
+    """The preprocessing of the export's vision tower (an HF SiglipVisionConfig / CLIPVisionConfig), as training's."""
+    from himix_megatron.convert.layout import vision_from_hf
+
+    where = os.path.join(directory, "config.json") + " vision_config"
+    return image_config_for(vision_from_hf(vision_config.to_dict(), "hf:" + os.path.basename(directory), where),
+                            aspect_ratio)
 
 
 def _ids(m: Model, question: Question) -> list[int]:

@@ -7,11 +7,18 @@ that the converter can read and write them under their usual names. RoPE stays i
 `rope_theta` + `rope_scaling` (a Llama-3 style dict or None) rather than transformers 5's `rope_parameters`:
 it is the form every Llama-3 / Qwen2 checkpoint config still carries, and the model computes its own
 frequencies from it.
+
+The vision tower is a SigLIP or a CLIP one: `vision_config` is a SiglipVisionConfig or a CLIPVisionConfig, chosen
+by its `model_type`. Exports made before CLIP support, whose vision_config is SigLIP's, load unchanged (a
+vision_config without a model_type is taken to be SigLIP's, as it always was).
 """
 
 from __future__ import annotations
 
-from transformers import PreTrainedConfig, SiglipVisionConfig
+from transformers import CLIPVisionConfig, PreTrainedConfig, SiglipVisionConfig
+
+# vision_config.model_type -> its config class.
+VISION_CONFIGS = {"siglip_vision_model": SiglipVisionConfig, "clip_vision_model": CLIPVisionConfig}
 
 
 class HiMixConfig(PreTrainedConfig):
@@ -19,7 +26,8 @@ class HiMixConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
     # transformers >= 5.20 declares sub-configs in `sub_configs_defaults` (and derives `sub_configs` from it);
     # earlier 5.x releases read `sub_configs` only. Both are given, and __post_init__ builds the vision config
-    # itself, so the same file serves both sides.
+    # itself, so the same file serves both sides. transformers reads only their keys (to reach the sub-config, e.g.
+    # to set its attention implementation), so a CLIPVisionConfig in the SigLIP-declared slot is served alike.
     sub_configs_defaults = {"vision_config": SiglipVisionConfig}
     sub_configs = {"vision_config": SiglipVisionConfig}
 
@@ -44,10 +52,10 @@ class HiMixConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
 
-    vision_config: dict | SiglipVisionConfig | None = None
+    vision_config: dict | SiglipVisionConfig | CLIPVisionConfig | None = None
     # d_v, the width of the raw vision features every layer's RMSNorm_v / W_K,v / W_V,v reads.
     vision_hidden_size: int | None = None
-    # hidden_states index of the vision tower to use (penultimate layer; its first patch is then dropped).
+    # hidden_states index of the vision tower to use (penultimate layer; its first token is then dropped).
     vision_feature_layer: int = -2
     # Only used to strip `<image>` placeholder tokens from input_ids: HiMix's image never enters the sequence.
     image_token_index: int | None = None
@@ -56,7 +64,12 @@ class HiMixConfig(PreTrainedConfig):
         if self.vision_config is None:
             self.vision_config = SiglipVisionConfig()
         elif isinstance(self.vision_config, dict):
-            self.vision_config = SiglipVisionConfig(**self.vision_config)
+            fields = dict(self.vision_config)
+            model_type = fields.pop("model_type", SiglipVisionConfig.model_type)
+            if model_type not in VISION_CONFIGS:
+                raise ValueError(f"vision_config.model_type={model_type!r} is not supported: "
+                                 f"one of {sorted(VISION_CONFIGS)}")
+            self.vision_config = VISION_CONFIGS[model_type](**fields)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:

@@ -1,5 +1,5 @@
 """HiMix for Hugging Face transformers (remote code): a Llama / Qwen2 decoder whose text queries also attend
-to per-layer vision keys/values computed from raw SigLIP features.
+to per-layer vision keys/values computed from raw SigLIP (or CLIP) features.
 
 This file is copied verbatim next to exported weights, so it imports only torch and transformers.
 
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel, SiglipVisionModel
+from transformers import CLIPVisionModel, DynamicCache, GenerationMixin, PreTrainedModel, SiglipVisionModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_himix import HiMixConfig
@@ -226,21 +226,27 @@ class HiMixTextModel(nn.Module):
         return torch.cat([vision, text], dim=-1)[:, None]
 
 
-class HiMixVisionTower(nn.Module):
-    """The frozen SigLIP encoder, returning HiMix's raw vision features X_v.
+# vision_config.model_type -> the tower (configuration_himix's VISION_CONFIGS).
+VISION_MODELS = {"siglip_vision_model": SiglipVisionModel, "clip_vision_model": CLIPVisionModel}
 
-    transformers 5 flattened SiglipVisionModel's parameter names (`embeddings.*`, `encoder.*`); nesting it under
-    `vision_model` keeps the layout of SigLIP checkpoints and of transformers 4 (`vision_model.embeddings.*`), so
-    exported weights read `vision_tower.vision_model.*` whatever the transformers version.
+
+class HiMixVisionTower(nn.Module):
+    """The frozen SigLIP or CLIP encoder (as vision_config's model_type says), returning HiMix's raw vision
+    features X_v.
+
+    transformers 5 flattened SiglipVisionModel's and CLIPVisionModel's parameter names (`embeddings.*`,
+    `encoder.*`); nesting the tower under `vision_model` keeps the layout of their checkpoints and of transformers 4
+    (`vision_model.embeddings.*`), so exported weights read `vision_tower.vision_model.*` whatever the version.
     """
 
     def __init__(self, config: HiMixConfig):
         super().__init__()
         self.feature_layer = config.vision_feature_layer
-        self.vision_model = SiglipVisionModel(config.vision_config)
+        self.vision_model = VISION_MODELS[config.vision_config.model_type](config.vision_config)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """hidden_states[vision_feature_layer] (penultimate: no post-layernorm), first patch dropped."""
+        """hidden_states[vision_feature_layer] (penultimate: no post-layernorm), first token dropped: SigLIP's first
+        patch, CLIP's class token (LLaVA's selection)."""
         dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
         out = self.vision_model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.feature_layer][:, 1:]
@@ -250,9 +256,9 @@ class HiMixPreTrainedModel(PreTrainedModel):
     config_class = HiMixConfig
     config: HiMixConfig
     base_model_prefix = "model"
-    _no_split_modules = ["HiMixDecoderLayer", "SiglipEncoderLayer"]
+    _no_split_modules = ["HiMixDecoderLayer", "SiglipEncoderLayer", "CLIPEncoderLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
-    # Only the SigLIP tower follows config._attn_implementation; the mixture attention always uses SDPA
+    # Only the vision tower follows config._attn_implementation; the mixture attention always uses SDPA
     # with an explicit mask, because the bottom-right causal alignment needs one.
     _supports_sdpa = True
 

@@ -1,4 +1,5 @@
-"""HiMix processor for Hugging Face transformers (remote code): a SigLIP image processor and the LM's tokenizer.
+"""HiMix processor for Hugging Face transformers (remote code): the vision tower's image processor (SigLIP's or
+CLIP's) and the LM's tokenizer.
 
 This file is copied verbatim next to exported weights, so it imports only transformers (and the standard library).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import signal
 from dataclasses import dataclass, field
@@ -58,8 +59,9 @@ class TrainConfig:
     encoder_tensor_model_parallel_size: Optional[int] = field(default=None, metadata={
         "help": "the frozen vision encoder's tensor-parallel size E, dividing --tensor-model-parallel-size T: "
                 "T / E copies of it per TP group, each sharded over E ranks and encoding 1/(T/E) of a micro-batch's "
-                "images, then one all-gather of the features (default: 1, replicated, when a micro-batch holds at "
-                "least T images, as packed rows do, else T; measured in the README, 'Where the encoder runs')"})
+                "images, then one all-gather of the features (default: replicated, 1, when the images split evenly "
+                "enough over the T ranks, else T; measured in the README, 'Tensor parallelism: where the encoder "
+                "runs')"})
     # --- batch
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = field(default=None, metadata={"help": "default: micro batch x DP"})
@@ -111,6 +113,9 @@ class TrainConfig:
     template: Optional[str] = field(default=None, metadata={"help": "conversation template (default: vicuna_v1)"})
     system_prompt: Optional[str] = field(default=None, metadata={"help": "override the template's system prompt"})
     num_workers: int = 2
+    image_aspect_ratio: str = field(default="resize", metadata={"choices": ("resize", "pad"), "help":
+        "pad: centre each image on a square filled with the encoder's mean colour before resizing (LLaVA-1.5's "
+        "--image_aspect_ratio pad, the reference HiMix finetuning's); resize: the encoder's own processor"})
     vision_features: Optional[str] = field(default=None, metadata={
         "help": "read the vision encoder's cached features NAME (tools/cache_vision_features.py, stored in "
                 "each --data-path directory under features/NAME) instead of encoding the training images"})
@@ -329,13 +334,22 @@ MOD_FLAGS = ("mod_layers", "mod_capacity", "mod_aux_loss_coeff", "mod_threshold"
 
 
 def encoder_tensor_parallel_size(cfg: TrainConfig) -> int:
-    """--encoder-tensor-model-parallel-size, or the faster placement for these micro-batches (README, "Where the
-    encoder runs"): replicated (1) when a micro-batch has at least as many images as there are TP ranks (a packed
-    row holds many), else sharded (T), since a replicated encoder would leave the ranks without an image idle."""
+    """--encoder-tensor-model-parallel-size, or the faster placement for these micro-batches, as measured
+    (tools/bench_encoder_placement.py; the README's "Tensor parallelism: where the encoder runs").
+
+    Replicated, each of the T ranks encodes ceil(b / T) of a micro-batch's b images, and saves the sharded
+    encoder's all-reduces: 1.09-1.12x faster at TP=2 when the images split evenly, as fast at b = 7 (a share 14%
+    above even), 0.85x at b = 3 and 0.63x at b = 1. So padded micro-batches (b = --micro-batch-size) replicate
+    when a share is at most 10% above an even split. A packed row's image count varies (up to
+    --packing-max-images): for 5 to 16 images a share averages 1.06x even at T = 2 (replicate), 1.18x at T = 4
+    (shard, as for larger T)."""
     if cfg.encoder_tensor_model_parallel_size is not None:
         return cfg.encoder_tensor_model_parallel_size
     tp = cfg.tensor_model_parallel_size
-    return 1 if cfg.packing_seq_length is not None or cfg.micro_batch_size >= tp else tp
+    if cfg.packing_seq_length is not None:
+        return 1 if tp <= 2 else tp
+    images = cfg.micro_batch_size
+    return 1 if tp * math.ceil(images / tp) <= 1.1 * images else tp
 
 
 def parse_mod_layers(value, num_layers: Optional[int] = None) -> tuple[int, ...]:

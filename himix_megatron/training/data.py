@@ -15,8 +15,9 @@ from typing import Iterator, Optional
 import torch
 
 from himix_megatron import platform
-from himix_megatron.config import ConfigError, LanguageModelConfig
-from himix_megatron.data import DatasetSpec, ImageConfig, LoaderConfig, ShardLoader, TemplateConfig, load_tokenizer
+from himix_megatron.config import ConfigError, LanguageModelConfig, VisionModelConfig
+from himix_megatron.data import DatasetSpec, LoaderConfig, ShardLoader, TemplateConfig, load_tokenizer
+from himix_megatron.data.image import image_config_for
 from himix_megatron.data.features import FeatureStore, expected_description
 from himix_megatron.data.packing import ROW_MULTIPLE, PackingConfig, extend_segments
 from himix_megatron.parallel.pipeline import MicroBatch
@@ -35,10 +36,11 @@ def _specs(values: list, flag: str) -> tuple[DatasetSpec, ...]:
     return tuple(DatasetSpec.of(d, weight=w) for w, d in parse_data_path(values, flag))
 
 
-def loader_config(cfg: TrainConfig, template: str, image_size: int, *, valid: bool = False,
+def loader_config(cfg: TrainConfig, template: str, vision: VisionModelConfig, *, valid: bool = False,
                   num_samples: Optional[int] = None, packing: Optional[PackingConfig] = None,
                   group: Optional[int] = None) -> LoaderConfig:
-    """With `packing`, each loader item is one step's rows, packed from `group` samples (global batch / DP)."""
+    """Images are preprocessed for encoder `vision` (`image_config_for`). With `packing`, each loader item is one
+    step's rows, packed from `group` samples (global batch / DP)."""
     return LoaderConfig(
         datasets=_specs(cfg.valid_data_path if valid else cfg.data_path,
                         "--valid-data-path" if valid else "--data-path"),
@@ -48,7 +50,7 @@ def loader_config(cfg: TrainConfig, template: str, image_size: int, *, valid: bo
         pad_multiple=row_multiple(cfg),
         packing=packing,
         template=TemplateConfig(template, image="remove", system=cfg.system_prompt),
-        image=ImageConfig(size=image_size),
+        image=image_config_for(vision, cfg.image_aspect_ratio),
         seed=cfg.seed,
         shuffle=not valid,
         drop_last=not valid,  # validation reads every sample: a packed last group may be short
@@ -68,7 +70,7 @@ def train_iters(cfg: TrainConfig, global_batch_size: int, dp: int, tokenizer, te
         return cfg.train_iters
     samples = cfg.train_samples
     if samples is None:  # --train-epochs: the length of one pass over the blend
-        probe = ShardLoader(loader_config(cfg, template, description.vision.image_size), tokenizer,
+        probe = ShardLoader(loader_config(cfg, template, description.vision), tokenizer,
                             rank=0, world_size=dp)
         samples = int(math.ceil(cfg.train_epochs * probe.epoch_length))
     iters = math.ceil(samples / global_batch_size)
@@ -96,7 +98,7 @@ def vision_feature_store(cfg: TrainConfig, vision, encoder) -> Optional[FeatureS
     if cfg.vision_features is None:
         return None
     dirs = [d for spec in _specs(cfg.data_path, "--data-path") for d in spec.paths]
-    expected = expected_description(vision, ImageConfig(size=vision.image_size), encoder=encoder)
+    expected = expected_description(vision, image_config_for(vision, cfg.image_aspect_ratio), encoder=encoder)
     return FeatureStore(cfg.vision_features, dirs, expected)
 
 
@@ -104,7 +106,7 @@ def build_train_loader(run) -> ShardLoader:
     rank, world = _data_parallel()
     cfg = run.cfg
     packing = packing_config(cfg, run.description.vision.num_features)
-    loader_cfg = loader_config(cfg, run.template, run.description.vision.image_size,
+    loader_cfg = loader_config(cfg, run.template, run.description.vision,
                                num_samples=run.train_iters * run.global_batch_size, packing=packing,
                                group=run.global_batch_size // world)
     features = vision_feature_store(cfg, run.description.vision, run.encoder)
@@ -124,7 +126,7 @@ def build_valid_loader(run, paths: list, eval_iters: Optional[int]) -> ShardLoad
     """One ordered pass over the validation data, in whole global batches (the pipeline needs fixed shapes)."""
     rank, world = _data_parallel()
     cfg = run.cfg
-    probe = loader_config(cfg, run.template, run.description.vision.image_size, valid=True)
+    probe = loader_config(cfg, run.template, run.description.vision, valid=True)
     length = ShardLoader(probe, run.tokenizer, rank=0, world_size=world).epoch_length
     per_step = cfg.micro_batch_size * world
     samples = (length // per_step) * per_step
@@ -133,7 +135,7 @@ def build_valid_loader(run, paths: list, eval_iters: Optional[int]) -> ShardLoad
     if samples == 0:
         raise ConfigError(f"--valid-data-path holds {length} samples, fewer than micro batch x DP = {per_step}")
     packing = packing_config(cfg, run.description.vision.num_features)
-    cfg_valid = loader_config(cfg, run.template, run.description.vision.image_size, valid=True, num_samples=samples,
+    cfg_valid = loader_config(cfg, run.template, run.description.vision, valid=True, num_samples=samples,
                               packing=packing, group=run.global_batch_size // world)
     return ShardLoader(cfg_valid, run.tokenizer, rank=rank, world_size=world)
 
