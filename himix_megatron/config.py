@@ -111,8 +111,8 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     # The frozen vision encoder's own TP size E within each TP group (parallel/encoder.py): T / E copies,
-    # each encoding its share of the images. None: 1, replicated, measured the faster when there are at least
-    # T images to share (the README's "Where the encoder runs"; the trainer picks per its micro-batches).
+    # each encoding its share of the images. None: 1, replicated, measured the faster when the images split
+    # evenly (README, "Tensor parallelism: where the encoder runs"; the trainer picks per its micro-batches).
     encoder_tensor_model_parallel_size: Optional[int] = None
 
     @property

@@ -1,5 +1,6 @@
 """The encoder's placement under tensor parallelism (parallel/encoder.py): replicated, sharded and in between
-give transformers' SigLIP and CLIP features on every rank, checkpoints cross between placements, and training does not notice."""
+give transformers' SigLIP and CLIP features on every rank, checkpoints cross between placements, and training
+does not notice."""
 
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ def main(argv=None) -> int:
 
     imp = sub.add_parser("import", help="Hugging Face -> megatron checkpoint")
     imp.add_argument("--hf-llm", required=True, help="LlamaForCausalLM / Qwen2ForCausalLM directory")
-    imp.add_argument("--hf-vision", required=True, help="SiglipVisionModel / CLIPVisionModel directory, or a SiglipModel / CLIPModel one "
-                                                           "(its vision tower)")
+    imp.add_argument("--hf-vision", required=True,
+                     help="SiglipVisionModel / CLIPVisionModel directory, or a SiglipModel / CLIPModel one (its tower)")
     imp.add_argument("--arch", required=True, choices=["himix", "vanilla", "uniform", "hierarchical"])
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
     imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)

@@ -8,8 +8,8 @@ A dist checkpoint is layout-free, so the export loads it into a TP=1/PP=1 model 
 - arch vanilla: transformers' own `LlavaForConditionalGeneration` (no remote code), in the on-disk layout
   transformers 4 and 5 both load (`language_model.model.*`, `multi_modal_projector.*`,
   `vision_tower.vision_model.*`). `vision_feature_select_strategy="default"` drops the first token like
-  our encoder (SigLIP's first patch, CLIP's class token). `<image>` is added to the tokenizer; its id is the first one past the tokenizer's
-  vocabulary, and the embedding (and untied LM head) grows by zero rows when that id is past the
+  our encoder (SigLIP's first patch, CLIP's class token). `<image>` is added to the tokenizer; its id is
+  the first one past the tokenizer's vocabulary, and the embedding (and untied LM head) grows by zero rows when that id is past the
   model's vocabulary. Zero rows: the image token's embedding is always replaced by the image
   features. Whenever `<image>` has a row in the LM head, generation_config.json suppresses it.
 - arch vanilla with a baseline switched on (`baselines`: FastV's fastv_k / fastv_r / fastv_ranking, gamma-MoD's

@@ -369,7 +369,8 @@ def hf_lm_tensors(state: Mapping[str, Tensor], lm: LanguageModelConfig) -> tuple
 # Our encoder's parameters outside its layers -> SiglipVisionModel / CLIPVisionModel-relative names (the layers
 # share model/vision.py's `_LAYER_NAMES`). CLIP has the class token and the pre-LayerNorm (`pre_layrnorm`, sic,
 # transformers' name) and a bias-free patch conv; SigLIP has neither of the first two.
-_EMBEDDING_NAMES = {"conv1.weight": "embeddings.patch_embedding.weight", "conv1.bias": "embeddings.patch_embedding.bias",
+_EMBEDDING_NAMES = {"conv1.weight": "embeddings.patch_embedding.weight",
+                    "conv1.bias": "embeddings.patch_embedding.bias",
                     "position_embeddings.weight": "embeddings.position_embedding.weight",
                     "class_token": "embeddings.class_embedding",
                     "ln_pre.weight": "pre_layrnorm.weight", "ln_pre.bias": "pre_layrnorm.bias"}

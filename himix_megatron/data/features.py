@@ -12,8 +12,9 @@ Layout, inside each shard directory D (tools/build_shards.py's output):
                                                metadata "ids": the samples' ids, in shard order
 
 features.json records the encoder (its preset name, the sha256 of its weights, and a fingerprint: its
-features of a fixed probe image), the preprocessing (resolution, aspect ratio, mean, std, resize mode: SigLIP's
-square resize or CLIP's shortest edge and centre crop), the feature layer and selection, the dtype, and the sha256 of D/index.json (which samples, in which shards). Training
+features of a fixed probe image), the preprocessing (resolution, aspect ratio, mean, std, resize mode:
+SigLIP's square resize or CLIP's shortest edge and centre crop), the feature layer and selection, the
+dtype, and the sha256 of D/index.json (which samples, in which shards). Training
 refuses a feature set whose encoder, resolution, preprocessing or samples differ from its own, naming the
 field. The fingerprint is what training compares (within 2e-2, relative): a TP-sharded encoder cannot hash
 its full weights without gathering them, and the same weights give the same probe features up to kernel

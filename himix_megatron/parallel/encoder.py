@@ -8,10 +8,10 @@ to get it, and everything between:
   all-gather of the features [N, b/T, d_v] then gives every rank all of them.
 - E ranks shard each of T / E copies; each copy encodes 1/(T/E) of the images.
 `--encoder-tensor-model-parallel-size E` chooses. The arithmetic per rank is the same in every case when the
-images split evenly; what differs is the communication (2 (L - 1) all-reduces of everything against one
-all-gather of 1/E of it), and how evenly a micro-batch of b images splits: a copy encodes ceil(b / (T/E))
-images, so with b < T/E some copies idle. The default and its measurement: the README's "Where the encoder
-runs" (tools/bench_encoder_placement.py).
+images split evenly; what differs is the communication (2 (L - 1) all-reduces of a copy's activations against
+one all-gather of the copies' features), and how evenly a micro-batch of b images splits: a copy encodes
+ceil(b / (T/E)) images, so an uneven split idles ranks. The trainer's default and its measurement: the
+README's "Tensor parallelism: where the encoder runs" (tools/bench_encoder_placement.py).
 
 Memory: a copy holds 1/E of the encoder (SigLIP-so400m: 0.8 GB in bf16 whole), and the encoder runs under
 no_grad, so no activations outlive its forward.
