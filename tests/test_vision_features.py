@@ -151,3 +151,25 @@ def test_the_tool_resumes_shard_by_shard(cached):
                                             "--dtype", "float32"])
     after = {f: os.path.getmtime(os.path.join(directory, f)) for f in files}
     assert [f for f in files if after[f] != before[f]] == [files[1]]
+
+
+@pytest.mark.slow
+def test_the_tool_at_tp2_writes_the_tp1_features(cached):
+    """At TP=2 the encoder is replicated (each rank encodes half a batch; parallel/encoder.py) and TP rank 0
+    writes: the same features as one process, for batches that split evenly and (7 per batch) unevenly."""
+    from safetensors.torch import load_file
+
+    from himix_megatron.data.features import features_dir
+
+    ckpts, train = cached
+    run_world(2, ParallelConfig(2), _cache, ["--load", ckpts[0], "--data-path", train, "--name", "tp2",
+                                             "--dtype", "float32", "--batch-size", "7",
+                                             "--tensor-model-parallel-size", "2"])
+    tp1, tp2 = features_dir(train, "fp32"), features_dir(train, "tp2")
+    files = sorted(f for f in os.listdir(tp1) if f.endswith(".safetensors"))
+    assert sorted(f for f in os.listdir(tp2) if f.endswith(".safetensors")) == files
+    for f in files:
+        want, got = load_file(os.path.join(tp1, f)), load_file(os.path.join(tp2, f))
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=f"{f} {key}")
