@@ -40,21 +40,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Conf
 from himix_megatron.config import ParallelConfig
 from himix_megatron.convert.hf_export import chat_template
 from himix_megatron.convert.layout import ConversionError
-from himix_megatron.data.templates import DEFAULT_SYSTEMS, TemplateConfig, generation_prompt
+from himix_megatron.data.templates import TemplateConfig, generation_prompt
 from himix_megatron.data.tokenizer import load_tokenizer
 from himix_megatron.hf import AUTO_MAP, REMOTE_CODE_FILES
 from himix_megatron.hf.processing_himix import HiMixProcessor
 from model_utils import randomize_hf, set_model_field
+from tokenizer_utils import train_byte_bpe, train_sentencepiece
 
-CORPUS = [
-    DEFAULT_SYSTEMS["vicuna_v1"], DEFAULT_SYSTEMS["llama3"], DEFAULT_SYSTEMS["qwen2"],
-    "USER: What is in the image? ASSISTANT: A red circle.", "USER: Where is it? ASSISTANT: On the left.",
-    "What colour is the shape? Which shape is it? Describe the picture briefly.",
-    "A green square on a dark background. A blue triangle in the middle.",
-    "system user assistant the a is it on in of and to",
-] * 20
-CHAT_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                 "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 QUESTIONS = ["What is in the image?", "Describe the picture briefly.\nWhich shape is it?"]
 LM_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512)
@@ -69,25 +61,12 @@ def tokenizers(tmp_path_factory):
     """{name: directory}: a LLaMA-like sentencepiece model with Vicuna's tokenizer_config (legacy=False, under
     which the text after a special token encodes differently in one string than alone), and byte-level BPE
     tokenizer.json files with Llama-3's and Qwen2's special tokens."""
-    import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     root = tmp_path_factory.mktemp("tokenizers")
-    (root / "corpus.txt").write_text("\n".join(CORPUS))
-    spm.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=300, hard_vocab_limit=False,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     dirs = {name: root / name for name in ("vicuna", "llama3", "qwen2")}
     for d in dirs.values():
         d.mkdir()
-    shutil.copy(root / "sp.model", dirs["vicuna"] / "tokenizer.model")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=CHAT_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(CORPUS, trainer)
+    shutil.copy(train_sentencepiece(root), dirs["vicuna"] / "tokenizer.model")
+    bpe = train_byte_bpe()
     configs = {
         "vicuna": {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                    "legacy": False, "add_bos_token": True},

@@ -12,38 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from himix_megatron.data.templates import DEFAULT_SYSTEMS
-
-CORPUS = [
-    DEFAULT_SYSTEMS["vicuna_v1"],
-    DEFAULT_SYSTEMS["llama3"],
-    DEFAULT_SYSTEMS["qwen2"],
-    "USER: What is in the image? ASSISTANT: A red circle.",
-    "USER: Where is it? ASSISTANT: On the left.",
-    "What colour is the shape? Which shape is it? Describe the picture briefly.",
-    "A green square on a dark background. A blue triangle in the middle.",
-    "system user assistant the a is it on in of and to",
-] * 20
-
-CHAT_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                 "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+from tokenizer_utils import train_byte_bpe, train_sentencepiece
 
 
 @pytest.fixture(scope="session")
 def sp_path(tmp_path_factory) -> str:
-    """A real sentencepiece model configured like LLaMA's: byte fallback, no whitespace folding,
-    unk=0 bos=1 eos=2 and no pad piece."""
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("sp")
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=300, hard_vocab_limit=False,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-    )
-    return str(d / "tokenizer.model")
+    """A real sentencepiece model configured like LLaMA's (tokenizer_utils.train_sentencepiece)."""
+    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
 
 
 @pytest.fixture(scope="session")
@@ -56,16 +31,8 @@ def sp_tok(sp_path):
 @pytest.fixture(scope="session")
 def bpe_path(tmp_path_factory) -> str:
     """A byte-level BPE tokenizer.json (the Llama-3 / Qwen2 family) with their chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=CHAT_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
     d = tmp_path_factory.mktemp("bpe")
-    tok.save(str(d / "tokenizer.json"))
+    train_byte_bpe().save(str(d / "tokenizer.json"))
     return str(d / "tokenizer.json")
 
 
