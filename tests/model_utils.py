@@ -54,6 +54,16 @@ def shard(name: str, full: torch.Tensor, param: torch.nn.Parameter, rank: int, s
     return full.chunk(size, dim=dim)[rank]
 
 
+def load_shards(model: torch.nn.Module, weights: dict) -> None:
+    """Copy into `model` this TP rank's slice of each TP=1 tensor in `weights` (keyed by parameter name)."""
+    from megatron.core import parallel_state
+
+    rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(shard(name, weights[name], param, rank, size))
+
+
 def unshard(name: str, pieces: list[torch.Tensor], param: torch.nn.Parameter) -> torch.Tensor:
     """Inverse of `shard`: the TP=1 tensor from every rank's piece."""
     if not getattr(param, "tensor_model_parallel", False) or len(pieces) == 1:

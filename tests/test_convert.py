@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, \
     SiglipVisionModel
 
@@ -19,24 +18,12 @@ from himix_megatron.convert.layout import ConversionError
 from himix_megatron.hf import TESTED_TRANSFORMERS, TESTED_TRANSFORMERS_KEY
 from model_utils import randomize_hf, set_model_field
 from multiprocess import run_world
+from tokenizer_utils import save_word_level_tokenizer
 
 TP2 = ParallelConfig(tensor_model_parallel_size=2)
 PP2 = ParallelConfig(pipeline_model_parallel_size=2)
 LM_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128)
-
-
-
-
-def _tokenizer(directory, size):
-    """A word-level tokenizer.json of exactly `size` entries, with Llama-style special tokens."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(directory, "tokenizer.json"))
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>"}, f)
 
 
 def _save(model, directory, **kwargs):
@@ -61,8 +48,8 @@ def hf(tmp_path_factory):
     dirs = {}
     for name, model, seed in (("llama", llama, 1), ("qwen2", qwen, 2), ("siglip", siglip, 3)):
         dirs[name] = _save(randomize_hf(model, seed), root / name)
-    _tokenizer(dirs["llama"], 300)  # as large as the model's vocabulary: LLaVA's <image> must grow it
-    _tokenizer(dirs["qwen2"], 180)  # smaller (like Qwen2's 151646 < 151936): <image> takes a free row
+    save_word_level_tokenizer(dirs["llama"], 300)  # as large as the model's vocabulary: LLaVA's <image> must grow it
+    save_word_level_tokenizer(dirs["qwen2"], 180)  # smaller (like Qwen2's 151646 < 151936): <image> takes a free row
     return dirs
 
 

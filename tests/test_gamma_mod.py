@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from himix_megatron.config import ConfigError, ParallelConfig
-from model_utils import TINY_LM, TINY_VISION, build_tiny, gather_tp, global_names, shard, tiny_batch
+from model_utils import TINY_LM, TINY_VISION, build_tiny, gather_tp, global_names, load_shards, tiny_batch
 from multiprocess import run_world
 from reference_himix import rms_norm, rope
 
@@ -497,13 +497,8 @@ def _reference_step(weights=None):
 
 
 def _tp_step(parallel, weights):
-    from megatron.core import parallel_state
-
-    rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel.tensor_model_parallel_size
     model = build_tiny("vanilla", parallel, seed=123, calculate_per_token_loss=True, **MOD).train()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(shard(name, weights[name], param, rank, size))
+    load_shards(model, weights)
     tokens, positions, vision, labels = tiny_batch()
     loss = model(tokens, positions, vision, labels=labels, mod_routable_text=ROUTABLE_TEXT)
     loss.sum().backward()

@@ -14,14 +14,13 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as tokenizer_models
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, \
     SiglipVisionModel
 
 from himix_megatron.config import ParallelConfig
 from himix_megatron.convert.layout import ConversionError
 from model_utils import randomize_hf
+from tokenizer_utils import save_word_level_tokenizer
 
 D_V = 48
 SIGLIP = dict(hidden_size=D_V, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=56,
@@ -64,15 +63,6 @@ def _lm(cfg, seed):
     return model, state
 
 
-def _tokenizer(directory, size):
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, size)}}
-    tok = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(os.path.join(directory, "tokenizer.json"))
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}, f)
-
-
 def _dump(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -104,7 +94,7 @@ def write_reference(root, kind, fmt, lm_cfg, lm_state, vision_state, *, drop=(),
                                   if not (k in LLAMA_DIFF_DROPS and lm_cfg["model_type"] == "llama")},
                   "vision_config": vision_config, **(top or {})}
     _dump(top_config, os.path.join(root, "config.json"))
-    _tokenizer(root, lm_cfg["vocab_size"])
+    save_word_level_tokenizer(root, lm_cfg["vocab_size"])
     if kind == "pretrain":
         _save_weights({**lm_state, **(extra or {})}, os.path.join(root, "language_model"), fmt)
         _dump(text_config, os.path.join(root, "language_model", "config.json"))

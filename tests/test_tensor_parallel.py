@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from himix_megatron.config import ParallelConfig
-from model_utils import build_tiny, gather_tp, shard, tiny_batch
+from model_utils import build_tiny, gather_tp, load_shards, tiny_batch
 from multiprocess import run_world
 
 
@@ -19,14 +19,8 @@ def _reference_run(arch, image_present):
 
 
 def _tp_run(arch, parallel, weights, image_present):
-    from megatron.core import parallel_state
-
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    size = parallel.tensor_model_parallel_size
     model = build_tiny(arch, parallel, seed=123)  # different init: every weight must come from `weights`
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(shard(name, weights[name], param, rank, size))
+    load_shards(model, weights)
     tokens, positions, vision, labels = tiny_batch()
     loss = model(tokens, positions, vision, labels=labels, image_present=image_present)
     loss.sum().backward()

@@ -46,3 +46,20 @@ def train_byte_bpe():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     return tok
+
+
+def save_word_level_tokenizer(directory, size: int) -> None:
+    """A word-level tokenizer.json of exactly `size` entries ("w3".."w{size-1}" after <unk> <s> </s>), with
+    Llama-style special tokens in its tokenizer_config.json: a stand-in for an HF checkpoint's tokenizer."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>"}, f)
