@@ -61,18 +61,25 @@ def test_every_placement_gives_transformers_features():
 
 
 def _save_then_load(state: dict, save_dir: str, save_e: int, load_parallel: ParallelConfig, pixels):
-    """Import the HF encoder at TP=2 with E=save_e, save; rebuild at `load_parallel` (a fresh world would
-    be more faithful, but megatron's groups for TP=2 DP=... cannot change in one process), load, encode."""
+    """Load the HF encoder at this world's TP with E=save_e and save it; then `_load_and_encode` at `load_parallel`
+    in the same world."""
     from megatron.core import parallel_state
 
-    from himix_megatron.checkpoint import build_model, load_checkpoint, save_checkpoint
+    from himix_megatron.checkpoint import build_model, save_checkpoint
     from himix_megatron.model.vision import load_hf_siglip_state_dict
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     chunks, encoder = build_model(DESCRIPTION, ParallelConfig(tp, encoder_tensor_model_parallel_size=save_e))
     load_hf_siglip_state_dict(encoder, state)
     save_checkpoint(save_dir, chunks, DESCRIPTION, iteration=1, encoder=encoder)
-    chunks, encoder = build_model(DESCRIPTION, load_parallel)
+    return _load_and_encode(save_dir, load_parallel, pixels)
+
+
+def _load_and_encode(save_dir: str, parallel: ParallelConfig, pixels):
+    """The checkpoint's encoder at `parallel` (its weights zeroed first, so all of them come from the file)."""
+    from himix_megatron.checkpoint import build_model, load_checkpoint
+
+    chunks, encoder = build_model(DESCRIPTION, parallel)
     with torch.no_grad():
         for p in encoder.parameters():
             p.zero_()
@@ -91,17 +98,9 @@ def test_checkpoints_load_across_placements(tmp_path, save_e, load_e):
     save_dir = str(tmp_path / "ckpt")
     results = run_world(4, ParallelConfig(2), _save_then_load, hf.state_dict(), save_dir, save_e,
                         ParallelConfig(2, encoder_tensor_model_parallel_size=load_e), pixels)
-    [tp1] = run_world(1, ParallelConfig(), _load_only, save_dir, pixels)
+    [tp1] = run_world(1, ParallelConfig(), _load_and_encode, save_dir, ParallelConfig(), pixels)
     for features in results + [tp1]:
         torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
-
-
-def _load_only(save_dir: str, pixels):
-    from himix_megatron.checkpoint import build_model, load_checkpoint
-
-    chunks, encoder = build_model(DESCRIPTION, ParallelConfig())
-    load_checkpoint(save_dir, chunks, encoder=encoder, load_rng=False)
-    return encoder(pixels)
 
 
 def _replicas_unmarked(state: dict, save_dir: str):
