@@ -70,8 +70,7 @@ def encoder_placement(encoder_tp: int) -> EncoderPlacement:
     counterparts = [list(g[p::encoder_tp]) for g in tp_groups for p in range(encoder_tp)]
     tp_group, _ = dist.new_subgroups_by_enumeration(shards)
     gather_group, _ = dist.new_subgroups_by_enumeration(counterparts)
-    me = dist.get_rank()
-    tp_rank = mine.index(me)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     # A process group ranks its members by global rank; the copy order is the tensor-parallel order.
     members = dist.get_process_group_ranks(gather_group)
     order = tuple(mine.index(r) // encoder_tp for r in members)
