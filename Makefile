@@ -73,7 +73,7 @@ test-hf-matrix: $(LOCK) requirements/lock-cpu.in
 			{ echo "test-hf-matrix: FAILED with transformers $$version"; exit 1; }; \
 		if [ $$leg = newest ] && [ "$$version" != "$(HF_NEWEST_TESTED)" ]; then \
 			echo "note: transformers $$version passed, but TESTED_TRANSFORMERS ends at $(HF_NEWEST_TESTED):" \
-			     "raise it in himix_megatron/hf/__init__.py and README's Install details"; fi; \
+			     "raise it in himix_megatron/hf/__init__.py and docs/gpu-and-containers.md's Install details"; fi; \
 	done
 
 clean:

@@ -112,7 +112,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # The frozen vision encoder's own TP size E within each TP group (parallel/encoder.py): T / E copies,
     # each encoding its share of the images. None: 1, replicated, measured the faster when the images split
-    # evenly (README, "Tensor parallelism: where the encoder runs"; the trainer picks per its micro-batches).
+    # evenly (docs/parallelism.md, "Tensor parallelism: where the encoder runs"; the trainer picks per its
+    # micro-batches).
     encoder_tensor_model_parallel_size: Optional[int] = None
 
     @property

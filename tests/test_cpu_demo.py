@@ -1,6 +1,6 @@
 """`make demo`'s script end to end at a few iterations: data, both stages at TP=2 for HiMix and vanilla,
 validation, Hugging Face export and generation. (The accuracy it reaches at full length is quoted in
-the README; here the plumbing must hold and the last line must keep its format.)"""
+README.md and docs/demo.md; here the plumbing must hold and the last line must keep its format.)"""
 
 import os
 import re

@@ -13,8 +13,8 @@ from pathlib import Path
 
 # The transformers releases the remote code and the exports are verified with: the oldest, which setup.py's lower
 # bound names and CI installs (make test-hf-matrix reads it from here), to the newest that passed. Each export
-# records it in config.json (`himix_tested_transformers`); README's "Install details" quotes it. Keep the form
-# ">=OLDEST,<=NEWEST": the Makefile extracts OLDEST with sed.
+# records it in config.json (`himix_tested_transformers`); docs/gpu-and-containers.md's "Install details" quotes
+# it. Keep the form ">=OLDEST,<=NEWEST": the Makefile extracts OLDEST with sed.
 TESTED_TRANSFORMERS = ">=5.6.0,<=5.24.0"
 TESTED_TRANSFORMERS_KEY = "himix_tested_transformers"
 

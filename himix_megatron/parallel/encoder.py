@@ -11,7 +11,7 @@ to get it, and everything between:
 images split evenly; what differs is the communication (2 (L - 1) all-reduces of a copy's activations against
 one all-gather of the copies' features), and how evenly a micro-batch of b images splits: a copy encodes
 ceil(b / (T/E)) images, so an uneven split idles ranks. The trainer's default and its measurement: the
-README's "Tensor parallelism: where the encoder runs" (tools/bench_encoder_placement.py).
+docs/parallelism.md, "Tensor parallelism: where the encoder runs" (tools/bench_encoder_placement.py).
 
 Memory: a copy holds 1/E of the encoder (SigLIP-so400m: 0.8 GB in bf16 whole), and the encoder runs under
 no_grad, so no activations outlive its forward.

@@ -60,8 +60,8 @@ class TrainConfig:
         "help": "the frozen vision encoder's tensor-parallel size E, dividing --tensor-model-parallel-size T: "
                 "T / E copies of it per TP group, each sharded over E ranks and encoding 1/(T/E) of a micro-batch's "
                 "images, then one all-gather of the features (default: replicated, 1, when the images split evenly "
-                "enough over the T ranks, else T; measured in the README, 'Tensor parallelism: where the encoder "
-                "runs')"})
+                "enough over the T ranks, else T; measured in docs/parallelism.md, 'Tensor parallelism: where the "
+                "encoder runs')"})
     # --- batch
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = field(default=None, metadata={"help": "default: micro batch x DP"})
@@ -335,7 +335,7 @@ MOD_FLAGS = ("mod_layers", "mod_capacity", "mod_aux_loss_coeff", "mod_threshold"
 
 def encoder_tensor_parallel_size(cfg: TrainConfig) -> int:
     """--encoder-tensor-model-parallel-size, or the faster placement for these micro-batches, as measured
-    (tools/bench_encoder_placement.py; the README's "Tensor parallelism: where the encoder runs").
+    (tools/bench_encoder_placement.py; docs/parallelism.md, "Tensor parallelism: where the encoder runs").
 
     Replicated, each of the T ranks encodes ceil(b / T) of a micro-batch's b images, and saves the sharded
     encoder's all-reduces: 1.09-1.12x faster at TP=2 when the images split evenly, as fast at b = 7 (a share 14%
