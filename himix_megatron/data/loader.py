@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
@@ -44,14 +45,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from himix_megatron.data.balance import BalanceConfig, imbalance, loads, plan
 from himix_megatron.data.collate import CollateConfig, Sample, collate
 from himix_megatron.data.features import FeatureStore
 from himix_megatron.data.image import ImageConfig, load_and_preprocess, normalize
-from himix_megatron.data.packing import PackingConfig, pack
+from himix_megatron.data.packing import PackingConfig, pack, pack_row
 from himix_megatron.data.records import DataError, SampleError, parse_conversation
 from himix_megatron.data.sampler import SampleOrder, rank_position, rank_stream_length
 from himix_megatron.data.shards import ShardDirectory, ShardReader, ShardSample
-from himix_megatron.data.templates import TemplateConfig, encode_conversation, truncate
+from himix_megatron.data.templates import TemplateConfig, check_tokenizer, encode_conversation, has_target
 from himix_megatron.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,8 @@ class DatasetSpec:
 class LoaderConfig:
     datasets: tuple[DatasetSpec, ...]
     micro_batch_size: int
-    seq_length: int  # text tokens fed to the model; samples hold seq_length + 1 ids before the shift
+    seq_length: int  # a sample keeps its first seq_length ids, the image placeholder counted (the
+    # authors' model_max_length), so the model sees at most seq_length - 1 of them after the shift
     template: TemplateConfig = TemplateConfig()
     image: ImageConfig = ImageConfig()
     seed: int = 1234
@@ -106,6 +109,9 @@ class LoaderConfig:
     blend_chunk: int = 10000
     # Cached encoder outputs (data/features.py) read instead of the images: samples then carry [N, d_v].
     vision_features: Optional[FeatureStore] = None
+    # Data-parallel assignment (data/balance.py), packing only: each yield is then one step's rows, this
+    # rank's share of the global batch [s * B, (s + 1) * B) of the global stream, as the plan assigns it.
+    balance: Optional[BalanceConfig] = None
 
     def __post_init__(self):
         if not self.datasets:
@@ -118,6 +124,9 @@ class LoaderConfig:
         for name in ("max_skip_rate", "max_drop_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"LoaderConfig.{name}={getattr(self, name)} must be in [0, 1]")
+        if self.balance is not None and self.packing is None:
+            raise DataError("LoaderConfig.balance needs packing: an unpacked step is a fixed number of "
+                            "micro-batches of micro_batch_size samples per rank")
 
 
 class SampleEncoder:
@@ -126,14 +135,14 @@ class SampleEncoder:
     def __init__(self, tokenizer: Tokenizer, template: TemplateConfig, image: ImageConfig, seq_length: int,
                  *, normalize: bool = True, features: Optional[FeatureStore] = None):
         self.tokenizer, self.template, self.image, self.seq_length = tokenizer, template, image, seq_length
+        check_tokenizer(tokenizer, template)  # before any sample: name the token the template needs
         self.features = features
         # Loader workers normalise straight into the shared-memory chunk tensor instead (_Chunk.pack).
         self.normalize = normalize
 
     def __call__(self, s: ShardSample, where: str, shard: Optional[str] = None, index: int = 0) -> Optional[Sample]:
         has_image = s.image is not None
-        conv = parse_conversation(s.record.get("conversations"), has_image=has_image)
-        enc = truncate(encode_conversation(conv, self.tokenizer, self.template), self.seq_length + 1)
+        enc = self.encode_text(s.record, has_image)
         if enc is None:
             return None
         if self.features is not None:
@@ -147,6 +156,22 @@ class SampleEncoder:
         meta = s.record.get("meta")
         return Sample(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.targets, dtype=bool), image,
                       str(s.record.get("id")), meta if isinstance(meta, dict) else {})
+
+    def encode_text(self, record: dict, has_image: bool):
+        """The record's conversation as truncated ids and trained flags; None when no trained token is left."""
+        conv = parse_conversation(record.get("conversations"), has_image=has_image)
+        # --seq-length is the authors' model_max_length: the image placeholder counts as one of its tokens.
+        enc = encode_conversation(conv, self.tokenizer, self.template, max_tokens=self.seq_length)
+        return enc if has_target(enc) else None
+
+    def text_length(self, record: dict) -> int:
+        """The text tokens this sample will train on, from its json record alone (what the data-parallel
+        planner counts): the same encoding as a full read. 0 for a sample that will be dropped or skipped."""
+        try:
+            enc = self.encode_text(record, bool(record.get("has_image")))
+        except SampleError:
+            return 0
+        return 0 if enc is None else len(enc.ids) - 1
 
 
 @dataclass
@@ -162,6 +187,7 @@ class _Item:
 class _Chunk:
     number: int
     items: list
+    plan: Optional[dict] = None  # balanced steps: the step's assignment summary (_StepStream)
     # The chunk's images in one tensor: the DataLoader hands tensors over in shared memory, where
     # numpy arrays would be pickled through a pipe (several copies of ~1.7 MB per 384px image).
     images: Optional[torch.Tensor] = None
@@ -239,7 +265,9 @@ class _ChunkStream(IterableDataset):
             m += workers
 
     def _item(self, k: int) -> _Item:
-        d, i = self.order(rank_position(self.rank, self.world, k))
+        return self._read(*self.order(rank_position(self.rank, self.world, k)))
+
+    def _read(self, d: int, i: int) -> _Item:
         shard, j = self.data.locate(d, i)
         where = f"{shard.path} sample {j}"
         try:
@@ -250,6 +278,55 @@ class _ChunkStream(IterableDataset):
             return _Item("drop", shard=shard.path, reason="too long", detail=f"{where}: no trained token "
                          f"within seq_length={self.encoder.seq_length}")
         return _Item("ok", sample)
+
+
+class _StepStream(_ChunkStream):
+    """Chunk m is step `start + m`: the global positions [s * B, (s + 1) * B) (cut at `stop`), planned over
+    the ranks (data/balance.py) from every sample's cost, and this rank's share of them read in stream order.
+    Every worker plans its own steps; the plan depends on nothing but the step's samples, so it is the same
+    on every rank and for every number of workers."""
+
+    def __init__(self, data: _Dataset, order: SampleOrder, encoder: SampleEncoder, balance: BalanceConfig, *,
+                 rank: int, world: int, start: int, stop: Optional[int]):
+        super().__init__(data, order, encoder, rank=rank, world=world, start=start, stop=stop, chunk=1)
+        self.balance = balance
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        B, m = self.balance.global_batch_size, worker
+        while True:
+            lo = (self.start + m) * B
+            hi = lo + B if self.stop is None else min(lo + B, self.stop)
+            if lo >= hi:
+                return
+            yield self.step(m, lo, hi).pack(self.encoder.image)
+            m += workers
+
+    def costs(self, lo: int, hi: int) -> tuple[list, list]:
+        """(dataset, index) and planner cost of every sample at global positions [lo, hi)."""
+        where, costs = [], []
+        for g in range(lo, hi):
+            d, i = self.order(g)
+            shard, j = self.data.locate(d, i)
+            try:
+                record = self.reader.read_record(shard, j)
+                length, has_image = self.encoder.text_length(record), bool(record.get("has_image"))
+            except SampleError:  # its rank skips it when it reads it; it costs nothing
+                length, has_image = 0, False
+            where.append((d, i))
+            costs.append(self.balance.sample_cost(length, has_image) if length else 0.0)
+        return where, costs
+
+    def step(self, number: int, lo: int, hi: int) -> _Chunk:
+        started = time.perf_counter()
+        where, costs = self.costs(lo, hi)
+        shares = plan(costs, self.world, self.balance.strategy)
+        rank_loads = loads(costs, shares)
+        summary = {"first": lo, "imbalance": imbalance(rank_loads), "loads": rank_loads,
+                   "shares": [[lo + k for k in share] for share in shares],  # global positions per rank
+                   "samples": [len(s) for s in shares], "plan_seconds": time.perf_counter() - started}
+        return _Chunk(number, [self._read(*where[k]) for k in shares[self.rank]], plan=summary)
 
 
 def _identity(x):
@@ -302,9 +379,10 @@ class ShardLoader:
                                          image_size=cfg.image.size,
                                          feature_shape=None if features is None else features.shape,
                                          feature_dtype=None if features is None else features.dtype)
-        self.position = 0
+        self.position = 0  # balanced: global positions consumed (whole steps); else this rank's stream
         self.counters = _Counters()
         self._warned: set[str] = set()
+        self.last_plan: Optional[dict] = None  # balanced: the summary of the step last yielded
         self._check_shards()
 
     def _weights(self) -> Optional[list[float]]:
@@ -334,7 +412,10 @@ class ShardLoader:
     # -- state ---------------------------------------------------------------------------------
 
     def _identity_fields(self) -> dict:
-        return {"order": self.order.fingerprint(), "rank": self.rank, "world_size": self.world}
+        fields = {"order": self.order.fingerprint(), "rank": self.rank, "world_size": self.world}
+        if self.cfg.balance is not None:
+            fields["balance"] = self.cfg.balance.fingerprint()
+        return fields
 
     def state_dict(self) -> dict:
         c = self.counters
@@ -367,6 +448,9 @@ class ShardLoader:
                           worker_init_fn=_ignore_stop_signals if cfg.num_workers > 0 else None, **kwargs)
 
     def __iter__(self) -> Iterator[dict]:
+        if self.cfg.balance is not None:
+            yield from self._steps()
+            return
         stop = rank_stream_length(self.rank, self.world, self.cfg.num_samples)
         pending_items: list[Sample] = []
         pending = _Counters()
@@ -397,6 +481,47 @@ class ShardLoader:
         self._commit(pending)
         if last:
             yield self._batch(last)
+
+    def _steps(self) -> Iterator[list]:
+        """Balanced packing: one yield per step, this rank's planned share packed into rows. Bad samples are
+        counted and left out (the step trains on the rest of its global batch); a share with no usable
+        sample becomes one pad row without label tokens, so that every rank still runs the step."""
+        cfg, B = self.cfg, self.cfg.balance.global_batch_size
+        if self.position % B:
+            raise DataError(f"loader position {self.position} is not a whole number of global batches of {B}")
+        stream = _StepStream(self.data, self.order, self.encoder, cfg.balance, rank=self.rank, world=self.world,
+                             start=self.position // B, stop=cfg.num_samples)
+        kwargs = dict(prefetch_factor=cfg.prefetch_factor) if cfg.num_workers > 0 else {}
+        loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, collate_fn=_identity,
+                            worker_init_fn=_ignore_stop_signals if cfg.num_workers > 0 else None, **kwargs)
+        bad_run, pass_length = 0, max(1, -(-self.epoch_length // self.world))
+        for expected, chunk in enumerate(loader):
+            if chunk.number != expected:
+                raise RuntimeError(f"loader step {chunk.number} arrived, expected {expected}: order broken")
+            pending, samples = _Counters(), []
+            for item in chunk.unpack().items:
+                pending.add(item)
+                if item.status != "ok":
+                    self._report(item, pending)
+                    bad_run += 1
+                    if bad_run > pass_length:
+                        raise DataLoaderAbort(f"rank {self.rank}: no usable sample in {bad_run} consecutive samples "
+                                              f"(a whole pass over the data); last problem: {item.detail}")
+                    continue
+                bad_run = 0
+                samples.append(item.sample)
+            rows = self._batch(samples) if samples else [self._empty_row()]
+            self.position = chunk.plan["first"] + B
+            self.counters = self.counters.merged(pending)
+            self.last_plan = chunk.plan
+            yield rows
+
+    def _empty_row(self) -> dict:
+        pad = self.tokenizer.pad_id
+        row = pack_row([Sample(np.asarray([pad, pad], dtype=np.int64), np.zeros(2, dtype=bool), None, "")],
+                       self.collate_cfg, self.cfg.packing.vision_tokens, self.cfg.packing.row_multiple)
+        row.update(lengths=torch.zeros(0, dtype=torch.long), ids=[], meta=[])
+        return row
 
     def _batch(self, samples: list[Sample]):
         if self.cfg.packing is not None:

@@ -288,6 +288,37 @@ class ShardReader:
             raise SampleError("corrupt shard", f"{where}: checksum mismatch")
         return decode_sample(buf, None, where)
 
+    def read_record(self, shard: Shard, i: int) -> dict:
+        """Only sample i's json member (the writer puts it first): what the data-parallel planner needs to
+        know a sample's text length without reading its image. Not checksummed (that takes the whole
+        sample); a damaged sample fails its CRC when its own rank reads it with `read`."""
+        where = f"{shard.path} sample {i}"
+        if i >= shard.readable:
+            raise SampleError("corrupt shard", f"{where}: {shard.problem}")
+        start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
+        fd = self._fd(shard.path)
+        buf = os.pread(fd, min(end - start, 8 * _BLOCK), start)
+        if len(buf) < _BLOCK:
+            raise SampleError("corrupt shard", f"{where}: truncated shard (short read)")
+        try:
+            size = _octal(buf[124:136])
+        except (ValueError, UnicodeDecodeError):
+            raise SampleError("corrupt shard", f"{where}: unreadable tar header") from None
+        need = min(_BLOCK + (size + _BLOCK - 1) // _BLOCK * _BLOCK, end - start)
+        if need > len(buf):
+            buf = os.pread(fd, need, start)
+        members = parse_members(buf[:need], where)
+        name, data = members[0]
+        if not name.endswith(".json"):
+            raise SampleError("corrupt shard", f"{where}: first member {name!r} is not the json record")
+        try:
+            record = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SampleError("corrupt shard", f"{where}: bad json member ({e})") from None
+        if not isinstance(record, dict):
+            raise SampleError("corrupt shard", f"{where}: no json object member")
+        return record
+
     def close(self) -> None:
         if self._pid == os.getpid():
             for fd in self._fds.values():
