@@ -5,14 +5,18 @@
 Metrics are in percent, as the paper reports them (MME: points, out of 200 per subtask). Each scorer follows one
 documented implementation, and tests/eval/test_scoring.py checks it on hand-worked cases:
 
-* VQAv2 (val): the official VQA evaluation (GT-Vision-Lab/VQA `vqaEval.py`, which the evaluation server runs)
-  on a prediction the EvalAI processor has already normalised, as LLaVA's `convert_vqav2_for_submission.py`
-  submits it. Human answers get vqaEval's punctuation and digit/article rules when the ten are not all equal,
-  as lmms-eval applies them (GT-Vision-Lab's own copy gives human answers only the punctuation rule, so a human
-  "on the table" could never match the prediction "on table" that the prediction's digit/article rule makes).
+* VQAv2 (val): the official VQA evaluation (GT-Vision-Lab/VQA `vqaEval.py` as it stands today, a013f00, whose
+  rules the evaluation server applies) on a prediction the EvalAI processor has already normalised, as LLaVA's
+  `convert_vqav2_for_submission.py` submits it. When the ten human answers (tabs and newlines to spaces,
+  stripped) are not all equal, vqaEval gives them and the prediction its punctuation and digit/article rules;
+  when they are all equal, it compares the prediction with them as they are ("10:30" against ten "10:30" scores
+  100 although the rules would make the prediction "10 30"). vqa_normalize.py says what changed from its 2015
+  revision.
 * TextVQA: the TextVQA evaluator LLaVA's `eval_textvqa.py` uses (MMF's `TextVQAAccuracyEvaluator`): the EvalAI
   processor on prediction and human answers alike. Both VQA scores average min(1, matches / 3) over the ten
-  leave-one-out subsets of the human answers: one match scores 0.3, two 0.6, three 0.9, four or more 1.
+  leave-one-out subsets of the human answers: one match scores 0.3, two 0.6, three 0.9, four or more 1. Both
+  are computed with the originals' float operations in their order, so every per-question score and every
+  aggregate equals theirs to the last bit (tests/eval/test_vqa_golden.py).
 * GQA: LLaVA's `convert_gqa_for_eval.py` (trailing periods off, lowercase) and GQA's `eval.py` (exact match).
 * POPE (pope.py): LLaVA's `eval_pope.py`. MME (mme.py): MME's `eval_tool/calculation.py`. MMMU (mmmu.py):
   MMMU's `eval/eval_utils.py`.
@@ -36,7 +40,7 @@ from himix_megatron.eval.paper import HEADLINE, PAPER_TABLE3, TABLE3_COLUMNS, he
 from himix_megatron.eval.pope import score_pope
 from himix_megatron.eval.scoring_io import (ScoringError, coverage, field, load_json, pair_answers, percent,
                                             qid_key, read_answer_file, write_json)
-from himix_megatron.eval.vqa_normalize import evalai_process, vqa_normalize
+from himix_megatron.eval.vqa_normalize import evalai_process, vqa_normalize, vqa_whitespace
 
 __all__ = ["BENCHMARKS", "HEADLINE", "PAPER_TABLE3", "TABLE3_COLUMNS", "ScoringError", "headline", "markdown_table",
            "mmvet_submission", "score", "score_main", "vqav2_submission"]
@@ -47,23 +51,32 @@ MMVET_HELP = ("MM-Vet is graded by GPT-4 and cannot be scored offline: write its
               "mmvet_submission(answers, path) (CLI: --submission OUT) and grade that with MM-Vet's evaluator")
 
 
-def leave_one_out(prediction: str, humans: list[str]) -> float:
-    """The VQA accuracy of one prediction: the mean over the leave-one-out subsets of min(1, matches / 3)."""
-    matches = [h == prediction for h in humans]
-    total = sum(matches)
-    # Integer numerator: 9/30 is exactly the float 0.3, as the hand-worked values say.
-    return sum(min(3, total - m) for m in matches) / (3 * len(humans))
+def leave_one_out(prediction: str, humans: list[str], records: Optional[list] = None) -> float:
+    """The VQA accuracy of one prediction: the mean over the leave-one-out subsets of min(1, matches / 3).
+
+    `records[i]` stands for `humans[i]` when one is left out: every record equal to it leaves the subset. The
+    default (each answer's position) leaves one answer out; vqaEval.py compares whole annotation records
+    (answer, answer_id, answer_confidence), so records without distinct ids leave together."""
+    records = list(range(len(humans))) if records is None else records
+    accs = [min(1, float(sum(h == prediction for r, h in zip(records, humans) if r != out)) / 3) for out in records]
+    return float(sum(accs)) / len(accs)
 
 
-def vqav2_accuracy(text: str, humans: list[str]) -> float:
-    prediction = vqa_normalize(evalai_process(text))
-    humans = [h.replace("\n", " ").replace("\t", " ").strip() for h in humans]
+def vqav2_accuracy(text: str, humans: list[str], records: Optional[list[dict]] = None) -> float:
+    """vqaEval.py's accuracy of the EvalAI-processed `text` against the human answers; `records`: the
+    annotation's answer records (default: each answer distinct)."""
+    prediction = vqa_whitespace(evalai_process(text))
+    humans = [vqa_whitespace(h) for h in humans]
     if len(set(humans)) > 1:
         humans = [vqa_normalize(h) for h in humans]
-    return leave_one_out(prediction, humans)
+        prediction = vqa_normalize(prediction)
+    if records is not None:
+        records = [dict(r, answer=h) for r, h in zip(records, humans)]
+    return leave_one_out(prediction, humans, records)
 
 
 def textvqa_accuracy(text: str, humans: list[str]) -> float:
+    """MMF's TextVQAAccuracyEvaluator: the EvalAI processor on the prediction and on every human answer."""
     return leave_one_out(evalai_process(text), [evalai_process(h) for h in humans])
 
 
@@ -90,19 +103,22 @@ def _index(entries: list, path: str, as_dicts: bool) -> dict[str, dict]:
         where = f"{path}: question_id {qid!r}"
         if qid_key(qid) in index:
             raise ScoringError(f"{where} appears twice")
-        index[qid_key(qid)] = dict(entry, answers=_human_answers(entry, where, as_dicts))
+        index[qid_key(qid)] = dict(entry, answers=_human_answers(entry, where, as_dicts),
+                                   answer_records=entry["answers"])
     return index
 
 
 def score_vqav2(answers: list[dict], annotations: str, source: str = "answers") -> dict:
     index = _index(_records(load_json(annotations, "VQAv2 annotations"), "annotations", annotations, "VQAv2"),
                    annotations, as_dicts=True)
-    by_type: dict[str, list[float]] = {}
-    for qid, record in pair_answers(answers, source, annotations, index):
-        entry = index[qid]
-        by_type.setdefault(str(entry.get("answer_type", "unknown")), []).append(
-            vqav2_accuracy(record["text"], entry["answers"]))
-    scores = [s for v in by_type.values() for s in v]
+    accuracy = {qid: vqav2_accuracy(record["text"], index[qid]["answers"], index[qid]["answer_records"])
+                for qid, record in pair_answers(answers, source, annotations, index)}
+    # Summed in the annotation file's order, as vqaEval.py sums them, so the float aggregates equal its own.
+    scores, by_type = [], {}
+    for qid, entry in index.items():
+        if qid in accuracy:
+            scores.append(accuracy[qid])
+            by_type.setdefault(str(entry.get("answer_type", "unknown")), []).append(accuracy[qid])
     return {"accuracy": percent(sum(scores), len(scores)), "count": len(scores),
             "per_answer_type": {t: percent(sum(v), len(v)) for t, v in sorted(by_type.items())},
             **coverage(len(scores), len(index))}
@@ -143,7 +159,9 @@ def score_textvqa(answers: list[dict], annotations: str, source: str = "answers"
 
     pairs = pair_answers(answers, source, annotations, index, key)
     scores = [textvqa_accuracy(r["text"], index[qid]["answers"]) for qid, r in pairs]
-    return {"accuracy": percent(sum(scores), len(scores)), "count": len(scores), **coverage(len(scores), len(index))}
+    # eval_textvqa.py prints 100 * (sum / count) to two decimals: the same float operations, in that order.
+    return {"accuracy": round(100.0 * (sum(scores) / len(scores)), 2), "count": len(scores),
+            **coverage(len(scores), len(index))}
 
 
 def score_gqa(answers: list[dict], annotations: str, source: str = "answers") -> dict:

@@ -1,16 +1,25 @@
-"""Answer normalisation of the VQA benchmarks, rule for rule as their official tools apply it.
+"""Answer normalisation of the VQA benchmarks, rule for rule as their official tools apply it today.
 
-Two rule sets exist, and both are needed to reproduce the published numbers:
+Two tools are reproduced:
 
+* `vqa_process_punctuation` / `vqa_process_digit_article` (and `vqa_normalize`, the two after vqaEval's
+  whitespace step): the official VQA evaluation code, `vqaEval.py` of GT-Vision-Lab/VQA at a013f00 (2021-03-11,
+  the newest revision; the VQAv2 evaluation server scores with these rules). Its punctuation list and
+  contraction table have been EvalAI's since 2015-2016, so both tools share `PUNCTUATION` and `CONTRACTIONS`.
+  Its first 2015 revision, which this module used to follow, differed on every one of these points: it also
+  stripped ':' and "'", kept '-', '!', '{' and '}', and expanded contractions with a typographic apostrophe
+  ("dont" -> "don\u2019t"), none of which today's code or EvalAI does. What it does with the ten human answers
+  (processed only when they are not all equal) is scoring.py's `vqav2_accuracy`.
 * `evalai_process`: the EvalAI answer processor (MMF's `EvalAIAnswerProcessor`, vendored as LLaVA's
-  `m4c_evaluator.EvalAIAnswerProcessor` and lmms-eval's `vqa_eval_metric.EvalAIAnswerProcessor`). LLaVA runs it
-  over every prediction before a VQAv2 submission, and TextVQA's evaluator runs it over predictions and human
-  answers alike.
-* `vqa_process_punctuation` / `vqa_process_digit_article`: the official VQA evaluation code (`vqaEval.py`
-  of GT-Vision-Lab/VQA, which the VQAv2 evaluation server runs). Its punctuation list differs from EvalAI's
-  (it has ':' and "'", lacks '-', '!', '{' and '}') and its contractions mostly carry typographic apostrophes.
+  `m4c_evaluator.EvalAIAnswerProcessor` and lmms-eval's `vqa_eval_metric.EvalAIAnswerProcessor`): vqaEval's
+  rules after a tokenising step. LLaVA runs it over every prediction before a VQAv2 submission, and TextVQA's
+  evaluator runs it over predictions and human answers alike.
 
-The quirks of the originals are kept on purpose, since they change scores: see the comments below.
+tests/eval/test_vqa_golden.py checks both against the official code's own output on a few thousand randomized
+answers (tests/fixtures/vqa_golden.json, made by running that code). The quirks of the originals are kept on
+purpose, since they change scores: see the comments below. One difference between running vqaEval.py under
+Python 2 (as written) and Python 3 exists, and only for non-ASCII digits: Python 3's `\\d` matches them, Python
+2's pattern (compiled without re.UNICODE) does not. This module behaves as the code does under Python 3.
 """
 
 from __future__ import annotations
@@ -21,19 +30,21 @@ NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", 
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = frozenset(("a", "an", "the"))
 
-EVALAI_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-                      ",", "?", "!")
-VQA_PUNCTUATION = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?")
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+               "!")
 
 # Both tools write this as "(?!<=\d)(\.)(?!\d)": the first group is a lookahead for the text "<=" and a digit,
 # which can never precede a period, so in effect every period not followed by a digit goes.
 _PERIOD = re.compile(r"\.(?!\d)")
 # ... and both pass re.UNICODE where re.sub takes its count, so only the first 32 such periods go.
 _PERIOD_COUNT = int(re.UNICODE)
+# vqaEval's "(\d)(\,)(\d)". EvalAI's "(?<=\d)(\,)+(?=\d)" would also find "1,,2", but EvalAI deletes every comma
+# before it searches, so there it never finds anything.
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 
 # The contracted forms the tools restore. A form with one apostrophe is looked up without it ("dont");
 # a form with several is looked up with any one of them missing ("couldnt've", "couldn'tve"), not with all.
+# The lookup happens after lowercasing, so the forms with a capital ("Im", "Id've") never match.
 _SINGLE = """ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll
 how's I'm I've isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't shan't
 should've shouldn't somebody'll somebody's someone'd someone'll someone's something'd something'll that's
@@ -45,60 +56,56 @@ someone'd've something'd've there'd've they'd've we'd've who'd've wouldn't've yo
 y'all'd've""".split()
 
 
-def _contractions(apostrophe: str) -> dict[str, str]:
+def _contractions() -> dict[str, str]:
     table = {}
     for form in _SINGLE:
-        table[form.replace("'", "")] = form.replace("'", apostrophe)
+        table[form.replace("'", "")] = form
     for form in _MULTIPLE:
         marks = [i for i, c in enumerate(form) if c == "'"]
         for drop in marks:
-            key = "".join(apostrophe if i in marks else c for i, c in enumerate(form) if i != drop)
-            table[key] = form.replace("'", apostrophe)
+            table[form[:drop] + form[drop + 1:]] = form
     # Entries of the originals that follow no pattern; "somebody'd" even maps backwards.
-    table[f"let{apostrophe}s"] = f"let{apostrophe}s"
-    table[f"she{apostrophe}s"] = f"she{apostrophe}s"
-    table[f"somebody{apostrophe}d"] = "somebodyd"
+    table.update({"let's": "let's", "she's": "she's", "somebody'd": "somebodyd"})
     return table
 
 
-EVALAI_CONTRACTIONS = _contractions("'")
-VQA_CONTRACTIONS = _contractions("\u2019")
-# vqaEval.py's table mixes the two apostrophes in a few entries.
-for _typographic in ("couldn\u2019tve", "hadn\u2019tve"):
-    VQA_CONTRACTIONS[_typographic.replace("\u2019", "'")] = VQA_CONTRACTIONS.pop(_typographic)
-VQA_CONTRACTIONS.update({k: EVALAI_CONTRACTIONS[k] for k in ("aint", "arent", "cant", "couldve", "couldnt", "weve",
-                                                            "wheres", "whove")})
+CONTRACTIONS = _contractions()
 
 
-def _punctuation(text: str, marks: tuple[str, ...]) -> str:
+def _punctuation(text: str) -> str:
     # A mark touching a space, or any mark at all once "1,000"-style digits appear, is deleted; any other
     # mark becomes a space ("black-and-white" -> "black and white"). Both tests look at the input text.
     glue = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
-    for mark in marks:
+    for mark in PUNCTUATION:
         out = out.replace(mark, "" if glue or mark + " " in text or " " + mark in text else " ")
     return _PERIOD.sub("", out, count=_PERIOD_COUNT)
 
 
-def _digit_article(text: str, contractions: dict[str, str]) -> str:
+def _digit_article(text: str) -> str:
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    return " ".join(contractions.get(w, w) for w in words if w not in ARTICLES)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def vqa_whitespace(text: str) -> str:
+    """What vqaEval.py does to every answer, human or predicted: tabs and newlines to spaces, then strip."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def vqa_process_punctuation(text: str) -> str:
     """vqaEval.py's processPunctuation."""
-    return _punctuation(text, VQA_PUNCTUATION)
+    return _punctuation(text)
 
 
 def vqa_process_digit_article(text: str) -> str:
     """vqaEval.py's processDigitArticle: lowercase, number words to digits, articles out, contractions fixed."""
-    return _digit_article(text, VQA_CONTRACTIONS)
+    return _digit_article(text)
 
 
 def vqa_normalize(text: str) -> str:
-    """What vqaEval.py does to an answer: tabs and newlines to spaces, strip, punctuation, digits/articles."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return vqa_process_digit_article(vqa_process_punctuation(text))
+    """What vqaEval.py does to an answer when the ten human answers are not all equal: whitespace, punctuation,
+    digits/articles."""
+    return vqa_process_digit_article(vqa_process_punctuation(vqa_whitespace(text)))
 
 
 def evalai_process(text: str) -> str:
@@ -106,5 +113,4 @@ def evalai_process(text: str) -> str:
     # Its tokenising step: commas and question marks go before the punctuation rules see the text (so the
     # digit-comma-digit test there never fires), and "'s" is split off as a word of its own.
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _digit_article(_punctuation(text, EVALAI_PUNCTUATION), EVALAI_CONTRACTIONS)
+    return _digit_article(_punctuation(vqa_whitespace(text)))

@@ -50,9 +50,10 @@ def test_period_quirk_only_32_periods_go():
 
 @pytest.mark.parametrize("raw, normalized", [
     ("1,000", "1000"),  # a digit-comma-digit deletes every mark
-    ("the man's hat.", "man s hat"),  # "'" is one of vqaEval's marks (not EvalAI's)
-    ("dont", "don\u2019t"),  # vqaEval's contractions mostly carry a typographic apostrophe
-    ("two", "2"), ("A-B", "a-b"),  # "-" is not one of vqaEval's marks
+    ("the man's hat.", "man's hat"),  # "'" and ":" are not marks (they were in vqaEval.py's 2015 revision)
+    ("10:30", "10:30"),
+    ("dont", "don't"), ("Isnt", "isn't"),  # contractions with a straight apostrophe
+    ("two", "2"), ("X-Y", "x y"), ("T-shirt!", "t shirt"), ("{x}", "x"),  # "-", "!", "{", "}" are marks
 ])
 def test_vqa_eval_normalisation(raw, normalized):
     assert vqa_normalize(raw) == normalized
@@ -69,6 +70,28 @@ def test_leave_one_out_values(matches, value):
 def test_vqav2_prediction_goes_through_both_processors():
     assert scoring.vqav2_accuracy("Two.", ["2"] * 3 + ["3"] * 7) == 0.9
     assert scoring.vqav2_accuracy("The Dog", ["dog"] * 10) == 1.0
+
+
+@pytest.mark.parametrize("prediction, humans, accuracy", [
+    ("T-shirt", ["t-shirt"] * 6 + ["shirt"] * 4, 1.0),  # "-" goes from both
+    ("McDonald's", ["mcdonald's"] * 7 + ["mcdonalds"] * 3, 0.0),  # EvalAI makes it "mcdonald 's"
+    ("Don't", ["dont"] * 5 + ["no"] * 5, 1.0),  # "dont" -> "don't", straight apostrophe
+    ("10:30", ["10:30"] * 10, 1.0),  # ten equal: compared as they are (the 2015 rules made it "10 30")
+    ("10-30", ["10-30"] * 10, 0.0),  # ... so "10-30" stays, while EvalAI made the prediction "10 30"
+    ("10-30", ["10-30"] * 9 + ["10 30"], 1.0),  # not all equal: every human answer gets the rules
+    ("." * 40, ["." * 8] * 10, 1.0),  # EvalAI leaves 8 of 40 periods; vqaEval's rules are not applied again
+])
+def test_vqav2_cases_where_the_2015_vqaeval_differs(prediction, humans, accuracy):
+    assert scoring.vqav2_accuracy(prediction, humans) == accuracy
+
+
+def test_vqav2_answer_records_without_ids_leave_together():
+    # vqaEval.py leaves a human answer out by comparing whole records: ten equal ones without answer_id all go.
+    assert scoring.vqav2_accuracy("dog", ["dog"] * 10, [{"answer": "dog"}] * 10) == 0.0
+    records = [{"answer": "dog", "answer_id": i} for i in range(10)]
+    assert scoring.vqav2_accuracy("dog", ["dog"] * 10, records) == 1.0
+    mixed = [{"answer": "dog"}] * 4 + [{"answer": "cat", "answer_id": i} for i in range(6)]
+    assert scoring.vqav2_accuracy("dog", ["dog"] * 4 + ["cat"] * 6, mixed) == 0.6  # 1.0 with ids
 
 
 def vqav2_annotations(tmp_path):
