@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, help="vqav2, gqa, textvqa, pope, mme, mmmu or mmvet")
     p.add_argument("--questions", required=True, help="the benchmark's LLaVA-style question JSONL")
     p.add_argument("--image-folder", help="the folder the questions' `image` paths are relative to")
-    p.add_argument("--annotations", help="the benchmark's official annotations (omit for VQAv2 test-dev, MM-Vet)")
+    p.add_argument("--annotations", help="the benchmark's official annotations (omit for VQAv2 test-dev, MM-Vet); "
+                   "`himix-eval score --help` lists each benchmark's answer and annotation formats")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--template", help="conversation template (default: the one the checkpoint records)")
     p.add_argument("--system-prompt", help="override the template's system prompt (as --system-prompt in training)")

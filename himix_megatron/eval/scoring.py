@@ -32,6 +32,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from typing import Iterable, Optional
 
 from himix_megatron.eval.mme import score_mme
@@ -46,6 +47,38 @@ __all__ = ["BENCHMARKS", "HEADLINE", "PAPER_TABLE3", "TABLE3_COLUMNS", "ScoringE
            "mmvet_submission", "score", "score_main", "vqav2_submission"]
 
 BENCHMARKS = ("vqav2", "gqa", "textvqa", "pope", "mme", "mmmu", "mmvet")
+
+# What `himix-eval score --help` says each benchmark accepts: (answers, annotations).
+FORMATS = {
+    "vqav2": ("LLaVA answer JSONL: question_id (VQAv2's, int or str), text",
+              "VQAv2's v2_mscoco_val2014_annotations.json ({'annotations': [{question_id, answer_type, answers: "
+              "[{answer, answer_id}, ...]}]}); none with --submission for test-dev"),
+    "gqa": ("LLaVA answer JSONL: question_id (GQA's), text",
+            "GQA's {testdev,val}_{balanced,all}_questions.json ({question id: {answer, isBalanced, types, ...}}); "
+            "only isBalanced questions are scored"),
+    "textvqa": ("LLaVA answer JSONL: question_id = TextVQA's, or LLaVA's (the image id, the question in prompt)",
+                "TextVQA_0.5.1_val.json ({'data': [{question_id, image_id, question, answers: [str, ...]}]})"),
+    "pope": ("LLaVA answer JSONL: himix-eval's (question_id of the split's file + category = the split), or "
+             "LLaVA's own without category (then --questions llava_pope_test.jsonl pairs them by position)",
+             "the folder of coco_pope_{random,popular,adversarial}.json (JSON lines: question_id, image, label)"),
+    "mme": ("LLaVA answer JSONL: question_id '<subtask>/<image file>', prompt (the question), text",
+            "the MME_Benchmark_release_version folder (per subtask '<image>.txt': question<TAB>yes|no lines)"),
+    "mmmu": ("LLaVA answer JSONL: question_id (the MMMU id), text, and options where the annotations lack them",
+             "MMMU's answer_dict_val.json with options: {id: {question_type, ground_truth, options}}"),
+    "mmvet": ("LLaVA answer JSONL: question_id (0-217 or v1_N), text",
+              "none: --submission OUT writes the file MM-Vet's GPT-4 grader reads"),
+}
+
+
+def formats_help() -> str:
+    """The answer and annotation formats of every benchmark, for --help."""
+    lines = ["formats accepted (answers; annotations):"]
+    for name in BENCHMARKS:
+        lines.append(f"  {name}:")
+        for flag, text in zip(("--answers", "--annotations"), FORMATS[name]):
+            lines.append(textwrap.fill(text, 110, initial_indent=f"    {flag:<15}", subsequent_indent=" " * 19))
+    return "\n".join(lines)
+
 
 MMVET_HELP = ("MM-Vet is graded by GPT-4 and cannot be scored offline: write its submission file with "
               "mmvet_submission(answers, path) (CLI: --submission OUT) and grade that with MM-Vet's evaluator")
@@ -165,18 +198,45 @@ def score_textvqa(answers: list[dict], annotations: str, source: str = "answers"
 
 
 def score_gqa(answers: list[dict], annotations: str, source: str = "answers") -> dict:
+    """GQA's eval.py: accuracy over the questions whose `isBalanced` is true (every question where the file has no
+    such field, as LLaVA's testdev_balanced subset is all balanced); answers to other questions of an
+    all-questions file are left out and counted in `unbalanced_answered`. With the questions' `types`, also the
+    accuracy of eval.py's binary (structural type other than "query") and open questions."""
     table = load_json(annotations, "GQA annotations")
     if not isinstance(table, dict) or not table:
         raise ScoringError(f"GQA annotations file {annotations}: want a JSON object {{question id: {{answer, ...}}}}")
-    index = {qid_key(q): field(e, "answer", f"{annotations}: question {q!r}") for q, e in table.items()}
-    right = [r["text"].rstrip(".").lower() == index[qid] for qid, r in pair_answers(answers, source, annotations,
-                                                                                    index)]
-    return {"accuracy": percent(sum(right), len(right)), "count": len(right), **coverage(len(right), len(index))}
+    index, balanced, kind = {}, {}, {}
+    for q, entry in table.items():
+        where = f"{annotations}: question {q!r}"
+        index[qid_key(q)] = field(entry, "answer", where)
+        if "isBalanced" in entry:
+            if not isinstance(entry["isBalanced"], bool):
+                raise ScoringError(f"{where}: 'isBalanced' must be true or false, not {entry['isBalanced']!r}")
+            balanced[qid_key(q)] = entry["isBalanced"]
+        types = entry.get("types")
+        if isinstance(types, dict) and isinstance(types.get("structural"), str):
+            kind[qid_key(q)] = "open" if types["structural"] == "query" else "binary"
+    pairs = pair_answers(answers, source, annotations, index)
+    scored = [(qid, r["text"].rstrip(".").lower() == index[qid]) for qid, r in pairs if balanced.get(qid, True)]
+    right = [ok for _, ok in scored]
+    total = sum(balanced.get(qid, True) for qid in index)
+    result = {"accuracy": percent(sum(right), len(right)), "count": len(right)}
+    if kind:
+        by_kind = {}
+        for qid, ok in scored:
+            by_kind.setdefault(kind.get(qid, "unknown"), []).append(ok)
+        result["per_answer_type"] = {k: percent(sum(v), len(v)) for k, v in sorted(by_kind.items())}
+    if len(scored) < len(pairs):
+        result["unbalanced_answered"] = len(pairs) - len(scored)
+    return {**result, **coverage(len(right), total)}
 
 
-def score(benchmark: str, answers: list[dict], annotations: str, *, source: str = "answers") -> dict:
+def score(benchmark: str, answers: list[dict], annotations: str, *, source: str = "answers",
+          questions: Optional[str] = None) -> dict:
     """Metrics of `answers` (LLaVA answer records) against `annotations` (a path, in the benchmark's official
-    format); `source` names the answers in error messages."""
+    format); `source` names the answers in error messages; `questions`: POPE only, LLaVA's question file, which
+    pairs answers without `category` (LLaVA's answer files) with their labels. FORMATS says what each benchmark
+    accepts."""
     if benchmark not in BENCHMARKS:
         raise ScoringError(f"benchmark {benchmark!r}: choose one of {', '.join(BENCHMARKS)}")
     if benchmark == "mmvet":
@@ -186,6 +246,10 @@ def score(benchmark: str, answers: list[dict], annotations: str, *, source: str 
         return score_mmmu(answers, annotations, load_json(annotations, "MMMU annotations"), source)
     scorer = {"vqav2": score_vqav2, "gqa": score_gqa, "textvqa": score_textvqa, "pope": score_pope,
               "mme": score_mme}[benchmark]
+    if questions is not None and benchmark != "pope":
+        raise ScoringError(f"questions file {questions}: only POPE's scoring reads one, not {benchmark}'s")
+    if benchmark == "pope":
+        return score_pope(answers, annotations, source, questions)
     return scorer(answers, annotations, source)
 
 
@@ -265,10 +329,12 @@ def score_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["score"]:
         argv = argv[1:]
-    p = argparse.ArgumentParser(prog="himix-eval score", description="Score a benchmark's answer JSONL.")
+    p = argparse.ArgumentParser(prog="himix-eval score", description="Score a benchmark's answer JSONL.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=formats_help())
     p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    p.add_argument("--answers", required=True, help="LLaVA answer JSONL (question_id, text, ...)")
-    p.add_argument("--annotations", help="the benchmark's official annotations (file or directory)")
+    p.add_argument("--answers", required=True, help="LLaVA answer JSONL (question_id, text, ...): see below")
+    p.add_argument("--annotations", help="the benchmark's official annotations (file or directory): see below")
+    p.add_argument("--questions", help="pope: LLaVA's llava_pope_test.jsonl, for answer files without category")
     p.add_argument("--submission", help="vqav2 (test-dev) and mmvet: write the submission file here")
     args = p.parse_args(argv)
     try:
@@ -282,6 +348,8 @@ def score_main(argv=None) -> int:
 
 
 def _score_cli(args) -> dict:
+    if args.questions and args.benchmark != "pope":
+        raise ScoringError(f"--questions: only pope's scoring reads a question file, not {args.benchmark}'s")
     if args.submission and args.benchmark not in ("vqav2", "mmvet"):
         raise ScoringError(f"--submission: only vqav2 and mmvet have submission files, not {args.benchmark}")
     answers = read_answer_file(args.answers)
@@ -295,7 +363,7 @@ def _score_cli(args) -> dict:
                            (" (or --submission OUT for test-dev)" if args.benchmark == "vqav2" else ""))
     result = {}
     if args.annotations is not None:
-        result = score(args.benchmark, answers, args.annotations, source=args.answers)
+        result = score(args.benchmark, answers, args.annotations, source=args.answers, questions=args.questions)
     if args.submission:
         vqav2_submission(answers, args.submission, source=args.answers)
         result.update(submission=args.submission, answered=result.get("answered", len(answers)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -143,6 +144,31 @@ def test_gqa_exact_match_after_llava_normalisation(tmp_path):
     assert result == {"accuracy": 66.67, "count": 3, "answered": 3, "total": 3, "unanswered": 0}
 
 
+def gqa_all_questions(tmp_path):
+    """An all-questions file: isBalanced on each, and the structural types eval.py splits binary/open by."""
+    q = lambda answer, balanced, structural: {"answer": answer, "isBalanced": balanced,  # noqa: E731
+                                              "types": {"structural": structural, "semantic": "rel"}}
+    return write_json(tmp_path / "testdev_all_questions.json", {
+        "1": q("yes", True, "verify"), "2": q("left", True, "query"), "3": q("table", True, "query"),
+        "4": q("no", False, "logical"), "5": q("red", False, "query")})
+
+
+def test_gqa_all_questions_file_scores_only_balanced_ones(tmp_path):
+    answers = [ans("1", "Yes"), ans("2", "left."), ans("3", "chair"), ans("4", "no"), ans("5", "red")]
+    result = scoring.score("gqa", answers, gqa_all_questions(tmp_path))
+    # 2 of the 3 balanced right; the 2 unbalanced answers (both right) count nowhere.
+    assert result == {"accuracy": 66.67, "count": 3, "per_answer_type": {"binary": 100.0, "open": 50.0},
+                      "unbalanced_answered": 2, "answered": 3, "total": 3, "unanswered": 0}
+    only_unbalanced_wrong = scoring.score("gqa", [ans("1", "yes"), ans("4", "yes")], gqa_all_questions(tmp_path))
+    assert (only_unbalanced_wrong["accuracy"], only_unbalanced_wrong["unanswered"]) == (100.0, 2)
+
+
+def test_gqa_balanced_must_be_a_boolean(tmp_path):
+    path = write_json(tmp_path / "q.json", {"7": {"answer": "yes", "isBalanced": "true"}})
+    with pytest.raises(ScoringError, match=r"q.json: question '7': 'isBalanced' must be true or false, not 'true'"):
+        scoring.score("gqa", [ans("7", "yes")], path)
+
+
 # ----- POPE ---------------------------------------------------------------------------------------------------
 
 POPE_SPLITS = {  # split -> [(label, reply)]
@@ -155,7 +181,7 @@ POPE_SPLITS = {  # split -> [(label, reply)]
 
 def pope_dir(tmp_path):
     folder = tmp_path / "coco"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     for split, rows in POPE_SPLITS.items():
         write_jsonl(folder / f"coco_pope_{split}.json",
                     [{"question_id": i + 1, "image": f"{i}.jpg", "text": "Is there a dog in the image?", "label": lab}
@@ -179,6 +205,70 @@ def test_pope_metrics_per_split_and_mean_f1(tmp_path):
     assert adversarial == {**adversarial, "accuracy": 100.0, "f1": 100.0}
     assert result["mean_f1"] == 76.67  # (50 + 80 + 100) / 3
     assert scoring.headline("pope", result) == 76.67
+
+
+def llava_pope_questions(tmp_path):
+    """LLaVA's llava_pope_test.jsonl: every split's questions with ids of its own (here 100 + n), in the order of
+    the split files, and the split in `category`."""
+    rows, n = [], 0
+    for split, labels in POPE_SPLITS.items():
+        for i in range(len(labels)):
+            rows.append({"question_id": 100 + n, "image": f"{i}.jpg", "text": "Is there a dog in the image?\nAnswer "
+                         "the question using a single word or phrase.", "category": split})
+            n += 1
+    return write_jsonl(tmp_path / "llava_pope_test.jsonl", rows), rows
+
+
+def test_pope_llava_answer_files_pair_by_position_in_the_question_file(tmp_path):
+    questions, rows = llava_pope_questions(tmp_path)
+    replies = [reply for split_rows in POPE_SPLITS.values() for _, reply in split_rows]
+    # model_vqa_loader's records: question_id, prompt, text, answer_id, model_id, metadata; no category.
+    llava = [{"question_id": r["question_id"], "prompt": r["text"], "text": reply, "answer_id": "x",
+              "model_id": "m", "metadata": {}} for r, reply in zip(rows, replies)]
+    ours = scoring.score("pope", pope_answers(), pope_dir(tmp_path))
+    theirs = scoring.score("pope", llava, pope_dir(tmp_path), questions=questions)
+    assert theirs == ours and theirs["mean_f1"] == 76.67
+    # Any order pairs the same; a missing answer is unanswered, not a shift of the later pairs.
+    assert scoring.score("pope", llava[::-1], pope_dir(tmp_path), questions=questions) == ours
+    partial = scoring.score("pope", llava[1:], pope_dir(tmp_path), questions=questions)
+    assert partial["splits"]["popular"] == ours["splits"]["popular"] and partial["unanswered"] == 1
+    # Both kinds in one file.
+    mixed = pope_answers()[:4] + llava[4:]
+    assert scoring.score("pope", mixed, pope_dir(tmp_path), questions=questions) == ours
+
+
+def test_pope_llava_answers_need_the_question_file_and_a_matching_one(tmp_path):
+    questions, rows = llava_pope_questions(tmp_path)
+    llava = [ans(r["question_id"], "yes") for r in rows]
+    with pytest.raises(ScoringError, match=r"answers without 'category' .* \(--questions llava_pope_test.jsonl\)"):
+        scoring.score("pope", llava, pope_dir(tmp_path))
+    rows[5]["image"] = "other.jpg"
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ScoringError, match=r"bad.jsonl:6: image 'other.jpg', but the popular label at the same "
+                                           r"position \(.*coco_pope_popular.json:2\) is for '1.jpg'"):
+        scoring.score("pope", llava, pope_dir(tmp_path), questions=bad)
+    extra = write_jsonl(tmp_path / "extra.jsonl", rows[:4] + [dict(rows[0], question_id=999)])
+    with pytest.raises(ScoringError, match=r"extra.jsonl:5: question 5 of split 'random', but coco_pope_random"):
+        scoring.score("pope", llava, pope_dir(tmp_path), questions=extra)
+    with pytest.raises(ScoringError, match=r"answer 1 \(question_id 555\) has no annotation"):
+        scoring.score("pope", [ans(555, "yes")], pope_dir(tmp_path), questions=questions)
+    with pytest.raises(ScoringError, match="questions file .*: only POPE's scoring reads one"):
+        scoring.score("gqa", [ans(1, "yes")], str(tmp_path), questions=questions)
+
+
+def test_pope_split_without_yes_divides_by_nothing(tmp_path):
+    # Every reply "no": no predicted yes (eval_pope.py divides by zero for precision).
+    all_no = [ans(i + 1, "No", category=split) for split, rows in POPE_SPLITS.items() for i in range(len(rows))]
+    result = scoring.score("pope", all_no, pope_dir(tmp_path))
+    for split in pope.SPLITS:
+        assert result["splits"][split]["precision"] == result["splits"][split]["f1"] == 0.0
+        assert result["splits"][split]["yes_ratio"] == 0.0
+    assert result["mean_f1"] == 0.0 and result["mean_accuracy"] == 41.67  # 2, 1 and 2 of 4 labels are "no"
+    # A split whose labels hold no "yes" (recall undefined): answer only random's two "no" questions.
+    only_no = scoring.score("pope", [ans(3, "Yes", category="random"), ans(4, "No", category="random")],
+                            pope_dir(tmp_path))
+    assert only_no["splits"]["random"] == {**only_no["splits"]["random"], "recall": 0.0, "f1": 0.0,
+                                           "accuracy": 50.0, "tp": 0, "fn": 0}
 
 
 @pytest.mark.parametrize("reply, yes", [("No", False), ("no.", False), ("It is not.", False), ("Nope", True),
@@ -239,6 +329,18 @@ def test_mme_image_answered_in_part_is_left_out_of_acc_plus(tmp_path):
     assert result["subtasks"]["existence"] == {"acc": 66.67, "acc_plus": 0.0, "score": 66.67, "questions": 3,
                                                "images": 1}
     assert (result["answered"], result["total"]) == (5, 6)
+
+
+def test_mme_tabs_and_newlines(tmp_path):
+    # Ground truth with CRLF line ends and a blank line; replies and prompts with tabs and newlines.
+    root = mme_dir(tmp_path)
+    (tmp_path / "MME_Benchmark_release_version" / "existence" / "0001.txt").write_bytes(
+        f"{Q_DOG}\tYes\r\n\r\n{Q_CAT}\tNo\r\n".encode())
+    answers = [mme_answer("existence/0001.png", "Is there a dog\nin this image?", "Yes\tit is"),
+               mme_answer("existence/0001.png", "Is there a cat in this image?", "no\n\nno cat")]
+    result = scoring.score("mme", answers, root)
+    assert result["subtasks"]["existence"] == {"acc": 100.0, "acc_plus": 100.0, "score": 200.0, "questions": 2,
+                                               "images": 1}
 
 
 def test_mme_malformed_ground_truth_line(tmp_path):
@@ -339,6 +441,30 @@ def test_cli_submissions(tmp_path, capsys):
     assert "GPT-4" in capsys.readouterr().err
 
 
+def test_cli_help_names_every_benchmarks_formats(capsys):
+    with pytest.raises(SystemExit):
+        scoring.score_main(["score", "--help"])
+    out = capsys.readouterr().out
+    for benchmark in scoring.BENCHMARKS:
+        section = re.split(r"\n  \w+:\n", out.split(f"\n  {benchmark}:\n")[1])[0]
+        assert section.lstrip().startswith("--answers") and "\n    --annotations " in section, benchmark
+    for name in ("v2_mscoco_val2014_annotations.json", "isBalanced", "TextVQA_0.5.1_val.json",
+                 "llava_pope_test.jsonl", "coco_pope_", "MME_Benchmark_release_version", "answer_dict_val.json"):
+        assert name in out.replace("\n                   ", " "), name
+
+
+def test_cli_pope_with_llavas_question_file(tmp_path, capsys):
+    questions, rows = llava_pope_questions(tmp_path)
+    answers = write_jsonl(tmp_path / "merge.jsonl", [ans(r["question_id"], "Yes") for r in rows])
+    assert scoring.score_main(["--benchmark", "pope", "--answers", answers, "--annotations", pope_dir(tmp_path),
+                               "--questions", questions]) == 0
+    result = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
+    assert result["splits"]["random"]["yes_ratio"] == 100.0 and result["answered"] == 12
+    assert scoring.score_main(["--benchmark", "gqa", "--answers", answers, "--annotations", questions,
+                               "--questions", questions]) == 2
+    assert "--questions: only pope's scoring reads a question file" in capsys.readouterr().err
+
+
 def test_cli_bad_json_line_names_file_and_line(tmp_path, capsys):
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps(ans(1, "yes")) + "\n{not json\n")
@@ -390,7 +516,7 @@ def test_malformed_records(tmp_path):
 
 def test_pope_answer_without_split(tmp_path):
     with pytest.raises(ScoringError, match=r"question_id 1\) has no annotation .* names its split in 'category'"):
-        scoring.score("pope", [ans(1, "yes")], pope_dir(tmp_path))
+        scoring.score("pope", [ans(1, "yes", category="rare")], pope_dir(tmp_path))
 
 
 def test_unwritable_submission_path(tmp_path):
