@@ -342,6 +342,7 @@ def generate(ref, args, cases):
 
     results = []
     tokenizers = {}
+    chunks = {}
     for template_name, kind in PAIRS:
         template = ref.TemplateFactory(template_name)()
         full = load_tokenizer(ref, kind, args.model_max_length)
@@ -373,8 +374,14 @@ def generate(ref, args, cases):
                 entry["eval"] = eval_prompt(ref, template, full, model, conv)
             out[case["name"]] = entry
         results.append({"template": template_name, "tokenizer": kind, "cases": out})
+        texts = {c for e in out.values() for c in e["prompt"].split("<image>")}
+        texts |= {c for e in out.values() if "eval" in e for c in e["eval"]["prompt"].split("<image>")}
+        known = chunks.setdefault(kind, {})
+        known.update({text: full(text).input_ids for text in texts if text not in known})
         print(f"{template_name:10s} x {kind:13s}: {len(out)} cases, mismatch warnings: "
               f"{[n for n, e in out.items() if e['mismatch_warning']]}", file=sys.stderr)
+    for kind in chunks:
+        tokenizers[kind]["chunks"] = [[text, chunks[kind][text]] for text in sorted(chunks[kind])]
     return results, tokenizers
 
 
