@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 from types import SimpleNamespace
 
+import pytest
 import torch
+from model_utils import TINY_VISION
 
 from himix_megatron.model import core_attention
 
@@ -146,3 +148,121 @@ def test_layouts_the_hot_path_cannot_serve_are_refused(single_rank):
         build_tiny("himix", cuda_graph_impl="local")
     with pytest.raises(ConfigError, match="'hierarchical' reads its vision K/V through the text QKV weight"):
         build_tiny("hierarchical", gradient_accumulation_fusion=True)
+
+
+def _losses_and_grads(model, *args, **kwargs):
+    model.zero_grad()
+    loss = model(*args, **kwargs)
+    loss.sum().backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, atol=1e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=0)
+    for name in set(grads_a) | set(grads_b):  # a module one form never runs has no gradient; the other's is zero
+        grad_a, grad_b = grads_a.get(name), grads_b.get(name)
+        grad_a = torch.zeros_like(grad_b) if grad_a is None else grad_a
+        grad_b = torch.zeros_like(grad_a) if grad_b is None else grad_b
+        torch.testing.assert_close(grad_a, grad_b, atol=atol, rtol=1e-4, msg=name)
+
+
+def test_an_empty_vision_tensor_never_reaches_the_vision_kv(single_rank):
+    """Bug 1 of issue 25: on the TE spec, a micro-batch in which no sample has an image handed [N, 0, d_v] to
+    TELayerNormColumnParallelLinear (TE's RMSNorm raises on it). The boundary now refuses an empty tensor, and
+    such a micro-batch attends to its text alone, on both forms of a mixed batch."""
+    from model_utils import build_tiny_himix, tiny_batch
+
+    model = build_tiny_himix()
+    attention = model.decoder.layers[0].self_attention
+    with pytest.raises(ValueError, match="empty vision features"):
+        attention.vision_key_value(torch.zeros(TINY_VISION.num_features, 0, TINY_VISION.hidden_size))
+    tokens, positions, vision, labels = tiny_batch(batch=2, text_len=8, seed=7)
+    text_only = _losses_and_grads(model, tokens, positions, None, labels=labels)
+    assert not any("vision" in name for name in text_only[1])
+    for as_segments in (True, False):
+        model.mixed_batches_as_segments = as_segments
+        for none in (torch.tensor([False, False]), (False, False)):
+            _assert_same(_losses_and_grads(model, tokens, positions, vision, labels=labels, image_present=none),
+                         text_only)
+
+
+def test_vanilla_imageless_samples_as_segments_equal_the_masked_batch(single_rank):
+    """Issue 25 item 5: vanilla on the TE spec took no mask (megatron's SelfAttention passes its spec's causal
+    type), so a mixed unpacked batch raised mid-run. Each sample is now a segment of a packed row ([image; text]
+    or text alone); run here on the local spec against the masked batch, which it must equal."""
+    from model_utils import build_tiny, tiny_batch
+
+    model = build_tiny("vanilla")
+    tokens, positions, vision, labels = tiny_batch(batch=3, text_len=8, seed=5)
+    for present in ((True, False, True), (False, False, False)):
+        results = []
+        for as_segments in (False, True):
+            model.mixed_batches_as_segments = as_segments
+            results.append(_losses_and_grads(model, tokens, positions, vision, labels=labels, image_present=present))
+        _assert_same(*results)
+        with torch.no_grad():  # the logits path too
+            logits = model(tokens, positions, vision, image_present=present)
+            model.mixed_batches_as_segments = False
+            torch.testing.assert_close(logits, model(tokens, positions, vision, image_present=present),
+                                       atol=1e-5, rtol=0)
+
+
+def test_masks_and_columns_come_from_cpu_flags_without_reading_the_device(single_rank):
+    """Issue 25 item 6: a mixed batch's mask, segment columns and micro-batch bookkeeping come from the loader's
+    CPU copy of the flags. On the meta device any read of a tensor's values raises, as a GPU read would sync."""
+    from himix_megatron.model.common import present_columns, present_flags
+    from himix_megatron.model.himix_model import mixture_attention_mask
+    from himix_megatron.model.vanilla import vanilla_attention_mask
+    from himix_megatron.parallel.pipeline import MicroBatch
+
+    flags = (True, False, True)
+    assert present_columns(flags, "meta").device.type == "meta"
+    assert present_flags(torch.tensor([True, True])) is None and present_flags([1, 0]) == (True, False)
+    for build in (mixture_attention_mask, vanilla_attention_mask):
+        assert build(4, 3, flags, "meta").device.type == "meta"
+        cpu = build(4, 3, flags)
+        assert cpu[1, 0, -4:, :3].all() and not cpu[0, 0, -1].any()  # imageless sample: its text sees no image
+
+    tokens = torch.zeros(3, 4, dtype=torch.long)
+    mb = MicroBatch(tokens, tokens, tokens, tokens.float(), images=torch.zeros(3, 2), image_present=torch.tensor(flags))
+    moved = mb.to("meta")
+    assert moved.image_present.device.type == "meta"
+    assert moved.present == flags and moved.image_count == 3
+    text_only = MicroBatch(tokens, tokens, tokens, tokens.float(), images=torch.zeros(3, 2),
+                           image_present=torch.zeros(3, dtype=torch.bool)).to("meta")
+    assert text_only.image_count == 0
+    with pytest.raises(Exception):
+        text_only.image_present.tolist()  # what the model used to do on the hot path
+
+
+def test_a_step_skips_the_encoder_for_micro_batches_without_images(single_rank):
+    """The encoder runs only for micro-batches with an image, and the model receives the CPU flags (a tuple),
+    not the device tensor, so it never syncs to read them."""
+    from model_utils import build_tiny_himix, tiny_batch
+
+    from himix_megatron.parallel.pipeline import MicroBatch, forward_backward
+
+    model = build_tiny_himix()
+    seen, encoded = [], []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("image_present"))
+        return original(*args, **kwargs)
+
+    model.forward = spy
+    batches = []
+    for k, present in enumerate(((False, False), (True, False), (True, True))):
+        tokens, positions, vision, labels = tiny_batch(batch=2, text_len=8, seed=20 + k)
+        batches.append(MicroBatch(tokens, positions, labels, torch.ones_like(labels, dtype=torch.float),
+                                  images=vision, image_present=torch.tensor(present)))
+
+    def encode(images):
+        encoded.append(images.shape[1])
+        return images
+
+    sums = forward_backward([model], batches, encode, vision_tokens=TINY_VISION.num_features)
+    assert encoded == [2, 2]  # not the all-text micro-batch
+    assert seen == [None, (True, False), None]
+    assert torch.isfinite(sums).all()

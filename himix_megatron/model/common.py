@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Sequence, Union
 
+import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.mlp import MLPSubmodules
@@ -68,6 +69,24 @@ def check_packed_vision_features(vision_features: Tensor, width: int, packed_seq
     if tuple(vision_features.shape) != (n, images, width):
         raise ValueError(f"vision_features of a packed row must be [N={n}, images={images}, d_v={width}] "
                          f"(one column per segment with an image), got {tuple(vision_features.shape)}")
+
+
+def present_flags(image_present: Union[Tensor, Sequence[bool], None]) -> Optional[tuple]:
+    """A micro-batch's per-sample image flags as Python bools; None when every sample has an image.
+
+    The trainer passes the loader's CPU copy (a tuple, or a CPU tensor), which reads without waiting for the
+    GPU; a CUDA tensor costs one device sync, so it serves only hand-written calls.
+    """
+    if image_present is None:
+        return None
+    flags = tuple(bool(v) for v in (image_present.tolist() if isinstance(image_present, Tensor) else image_present))
+    return None if all(flags) else flags
+
+
+def present_columns(flags: Sequence[bool], device) -> Tensor:
+    """The indices of the samples that have an image, on `device`, copied without a sync (from the CPU flags)."""
+    index = torch.tensor([i for i, v in enumerate(flags) if v], dtype=torch.long)
+    return index.to(device, non_blocking=True)
 
 
 def connector_config(config: HiMixTransformerConfig) -> HiMixTransformerConfig:

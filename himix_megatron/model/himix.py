@@ -101,6 +101,11 @@ class MixtureAttention(SelfAttention):
 
     def vision_key_value(self, vision_features: Tensor) -> tuple[Tensor, Tensor]:
         """[N, b, width] -> K_v, V_v, each [N, b, groups_per_rank, head_dim]."""
+        if vision_features.numel() == 0:
+            # The boundary to Transformer Engine: its RMSNorm (nvte_rmsnorm_fwd) raises "Input x is not
+            # allocated!" on a zero-element tensor. A micro-batch without images passes no X_v at all.
+            raise ValueError(f"layer {self.layer_number}: empty vision features {tuple(vision_features.shape)}; "
+                             "a micro-batch with no image must pass vision_features=None")
         if self.vision_connector is not None:
             # megatron's MLP hands back fc2's bias separately, for fusion into a residual add.
             vision_features, bias = self.vision_connector(vision_features)

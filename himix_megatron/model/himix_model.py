@@ -7,7 +7,7 @@ tokens, so RoPE positions are the text positions 0..M-1 that GPTModel computes a
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -21,19 +21,23 @@ from himix_megatron.model.common import (
     check_vision_features,
     choose_spec,
     gpt_model_kwargs,
+    present_columns,
+    present_flags,
 )
 from himix_megatron.model.himix import himix_layer_spec
 
 
-def mixture_attention_mask(text_len: int, vision_len: int, image_present: Tensor) -> Tensor:
+def mixture_attention_mask(text_len: int, vision_len: int, flags: Sequence[bool], device=None) -> Tensor:
     """Explicit [b, 1, M, N+M] mask (True = masked out) for batches where some samples lack an image.
 
-    Causal over text, aligned bottom-right, and each imageless sample's vision columns masked.
+    Causal over text, aligned bottom-right, and each imageless sample's vision columns masked. `flags` are the
+    per-sample image flags as Python bools (`present_flags`), so building the mask never waits for the GPU.
     """
     keys = vision_len + text_len
-    causal = torch.ones(text_len, keys, dtype=torch.bool, device=image_present.device).triu(vision_len + 1)
-    mask = causal.expand(image_present.shape[0], 1, text_len, keys).clone()
-    mask[~image_present.bool(), :, :, :vision_len] = True
+    causal = torch.ones(text_len, keys, dtype=torch.bool, device=device).triu(vision_len + 1)
+    mask = causal.expand(len(flags), 1, text_len, keys).clone()
+    absent = present_columns([not v for v in flags], mask.device)
+    mask[absent, :, :, :vision_len] = True
     return mask
 
 
@@ -79,32 +83,41 @@ class HiMixModel(GPTModel):
             self.vision_projection = build_connector(config, self.use_te, self.pg_collection.tp)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, image_present: Union[Tensor, Sequence[bool], None] = None,
                 decoder_input: Optional[Tensor] = None, packed_seq_params: Optional[SegmentParams] = None) -> Tensor:
         """
         input_ids, position_ids, labels: [b, M] text only (no image placeholder).
         vision_features: [N, b, d_v] raw encoder features, or None for a text-only batch (N = 0).
-        image_present: optional [b] bool; samples with False ignore the vision keys.
+        image_present: optional per-sample flags ([b] bools: a tuple, or a tensor); samples with False ignore
+            the vision keys. Give the loader's CPU copy: a CUDA tensor costs a device sync (`present_flags`).
+            When no sample has an image, vision_features is ignored (no vision keys at all).
         packed_seq_params: a packed row (b = 1, data/packing.py); vision_features is then [N, images, d_v],
             the images of its segments in order.
         Returns per-token loss [b, M] when labels are given, else logits.
         """
         attention_mask = None
+        flags = present_flags(image_present) if packed_seq_params is None else None
+        if vision_features is not None and flags is not None and not any(flags):
+            # A micro-batch without images attends to text only: nothing may reach the vision K/V (TE's
+            # RMSNorm rejects a zero-element input, MixtureAttention.vision_key_value asserts it).
+            vision_features, flags = None, None
         if vision_features is not None:
             if packed_seq_params is not None:
                 check_packed_vision_features(vision_features, self.config.vision_hidden_size, packed_seq_params)
             else:
                 check_vision_features(vision_features, self.config.vision_hidden_size,
                                       input_ids.shape[0] if input_ids is not None else None)
-            if packed_seq_params is None and image_present is not None and not bool(image_present.all()):
+            if flags is not None:
+                if len(flags) != vision_features.shape[1]:
+                    raise ValueError(f"image_present has {len(flags)} flags for {vision_features.shape[1]} samples")
                 text_len = input_ids.shape[1] if input_ids is not None else decoder_input.shape[0]
                 if self.mixed_batches_as_segments:
-                    packed_seq_params = segment_params([text_len] * len(image_present), image_present.tolist(),
-                                                       vision_features.shape[0], batch_rows=len(image_present)
-                                                       ).to(vision_features.device)
-                    vision_features = vision_features[:, image_present.bool()]
+                    packed_seq_params = segment_params([text_len] * len(flags), flags, vision_features.shape[0],
+                                                       batch_rows=len(flags)).to(vision_features.device)
+                    vision_features = vision_features.index_select(1, present_columns(flags, vision_features.device))
                 else:
-                    attention_mask = mixture_attention_mask(text_len, vision_features.shape[0], image_present)
+                    attention_mask = mixture_attention_mask(text_len, vision_features.shape[0], flags,
+                                                            vision_features.device)
             if self.vision_projection is not None:
                 vision_features = self.vision_projection(vision_features)
         return super().forward(

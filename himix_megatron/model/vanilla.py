@@ -27,7 +27,7 @@ with one shared router, `mod_router`; everything else is this model unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from megatron.core import tensor_parallel
@@ -36,13 +36,15 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
 from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
-from himix_megatron.data.packing import SegmentParams
+from himix_megatron.data.packing import SegmentParams, segment_params
 from himix_megatron.model.common import (
     build_connector,
     check_packed_vision_features,
     check_vision_features,
     choose_spec,
     gpt_model_kwargs,
+    present_columns,
+    present_flags,
 )
 
 
@@ -62,12 +64,14 @@ def vanilla_layer_spec(use_te: bool) -> ModuleSpec:
     return dataclasses.replace(gpt, submodules=dataclasses.replace(gpt.submodules, self_attention=attention))
 
 
-def vanilla_attention_mask(text_len: int, vision_len: int, image_present: Tensor) -> Tensor:
-    """[b, 1, S, S] causal mask (True = masked out) where imageless samples' text ignores the image block."""
+def vanilla_attention_mask(text_len: int, vision_len: int, flags: Sequence[bool], device=None) -> Tensor:
+    """[b, 1, S, S] causal mask (True = masked out) where imageless samples' text ignores the image block.
+
+    `flags`: per-sample image flags as Python bools (`present_flags`), so no device sync."""
     s = vision_len + text_len
-    mask = torch.ones(s, s, dtype=torch.bool, device=image_present.device).triu(1)
-    mask = mask.expand(image_present.shape[0], 1, s, s).clone()
-    mask[~image_present.bool(), :, vision_len:, :vision_len] = True
+    mask = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
+    mask = mask.expand(len(flags), 1, s, s).clone()
+    mask[present_columns([not v for v in flags], mask.device), :, vision_len:, :vision_len] = True
     return mask
 
 
@@ -104,15 +108,20 @@ class VanillaLLaVAModel(GPTModel):
             from himix_megatron.model.gamma_mod import attach_router
 
             self.mod_router = attach_router(self)
+        # A batch where some samples lack an image: megatron's SelfAttention hands TE its spec's causal mask
+        # type, so an explicit mask would be ignored there. On TE each sample becomes a segment of a packed
+        # row instead ([image; text] or text alone), as HiMixModel does; the local spec keeps the mask.
+        self.mixed_batches_as_segments = self.use_te
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, image_present: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, image_present: Union[Tensor, Sequence[bool], None] = None,
                 decoder_input: Optional[Tensor] = None, packed_seq_params: Optional[SegmentParams] = None,
                 mod_routable_text: Optional[Tensor] = None) -> Tensor:
         """
         input_ids, position_ids, labels: [b, M] text only (no image placeholder).
         vision_features: [N, b, d_v] raw encoder features, or None for a text-only batch (N = 0).
             Later pipeline stages need it (or a tensor of its shape) only when image_present is given.
+        image_present: optional per-sample flags ([b] bools, best the loader's CPU copy: see HiMixModel).
         packed_seq_params: a packed row (b = 1, data/packing.py); vision_features is then [N, images, d_v] and
             the sequence is [connector(v_1); t_1; connector(v_2); t_2; ...], causal per segment, positions
             restarting in every segment.
@@ -125,6 +134,12 @@ class VanillaLLaVAModel(GPTModel):
                 raise NotImplementedError("gamma-MoD does not take packed sequences")
             return self._packed_forward(input_ids, vision_features, labels, decoder_input, packed_seq_params)
         text_len = labels.shape[1] if labels is not None else input_ids.shape[1]
+        flags = present_flags(image_present) if vision_features is not None else None
+        if flags is not None and self.mixed_batches_as_segments:
+            if self.mod_router is not None:
+                raise NotImplementedError("gamma-MoD on the Transformer Engine spec needs every sample of a "
+                                          "micro-batch to have an image (MoD routes within one sample's sequence)")
+            return self._segments_forward(input_ids, vision_features, labels, decoder_input, flags)
         if self.pre_process and decoder_input is None:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [M, b, d]
             if vision_features is not None:
@@ -134,10 +149,8 @@ class VanillaLLaVAModel(GPTModel):
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         attention_mask = None
-        if vision_features is not None and image_present is not None and not bool(image_present.all()):
-            if self.use_te:
-                raise NotImplementedError("mixed image/text-only batches need the local spec for the vanilla model")
-            attention_mask = vanilla_attention_mask(text_len, vision_features.shape[0], image_present)
+        if flags is not None:
+            attention_mask = vanilla_attention_mask(text_len, vision_features.shape[0], flags, vision_features.device)
         self._text_positions = slice(-text_len, None)
         extra = None
         if self.mod_router is not None and self.training:  # MoD routing mask (gamma_mod.py: context_mask)
@@ -153,6 +166,24 @@ class VanillaLLaVAModel(GPTModel):
         if labels is None and self.post_process:
             return output[:, self._text_positions]
         return output
+
+    def _segments_forward(self, input_ids, vision_features, labels, decoder_input, flags) -> Tensor:
+        """An unpacked [b, M] batch with imageless samples as one packed row of b segments: [image; text] for a
+        sample with an image, its text alone otherwise (RoPE is relative, so a text-only segment's positions
+        starting at 0 instead of N change nothing). Outputs come back as [b, M(, V)]."""
+        if not self.pre_process or decoder_input is not None:
+            raise NotImplementedError("vanilla LLaVA under pipeline parallelism needs every sample to have an image")
+        b, m = input_ids.shape
+        check_vision_features(vision_features, self.config.vision_hidden_size, b)
+        if len(flags) != b:
+            raise ValueError(f"image_present has {len(flags)} flags for {b} samples")
+        segments = segment_params([m] * b, flags, vision_features.shape[0]).to(vision_features.device)
+        features = None
+        if any(flags):  # never an empty [N, 0, d_v] into the connector (TE rejects zero-element inputs)
+            features = vision_features.index_select(1, present_columns(flags, vision_features.device))
+        output = self._packed_forward(input_ids.reshape(1, b * m), features,
+                                      None if labels is None else labels.reshape(1, b * m), None, segments)
+        return output.reshape(b, m, *output.shape[2:])
 
     def _packed_forward(self, input_ids, vision_features, labels, decoder_input, packed: SegmentParams) -> Tensor:
         if self.pre_process and decoder_input is None:

@@ -44,22 +44,43 @@ class MicroBatch:
     loss_mask: Tensor
     images: Optional[Tensor] = None  # what `encode` takes; only the first stage reads it
     image_present: Optional[Tensor] = None  # [b] bool; None means every sample has an image
+    # image_present as Python bools, taken while it is still on the CPU (the loader's copy), so the hot path
+    # decides what to encode and how to attend without waiting for the GPU.
+    image_flags: Optional[tuple] = None
     lengths: Optional[Tensor] = None  # real (unpadded) text tokens of each sample, for throughput figures
     # A packed row (b = 1, data/packing.py): its segments; `images` then holds one image per segment
     # that has one, [images, 3, S, S].
     segments: Optional[SegmentParams] = None
 
+    def __post_init__(self):
+        if self.image_flags is None and self.image_present is not None and self.image_present.device.type == "cpu":
+            self.image_flags = tuple(bool(v) for v in self.image_present.tolist())
+
     def to(self, device) -> "MicroBatch":
         """The same micro-batch on `device` (copies issued non-blocking; `lengths` stays, it is bookkeeping)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(move(self.tokens), move(self.positions), move(self.labels), move(self.loss_mask),
-                          move(self.images), move(self.image_present), self.lengths,
+                          move(self.images), move(self.image_present), self.image_flags, self.lengths,
                           None if self.segments is None else self.segments.to(device))
 
     @property
+    def present(self) -> Optional[tuple]:
+        """Which samples have an image, as Python bools; None when all do (or for a packed row). From the CPU
+        copy; only a micro-batch built directly on the GPU pays a device sync here."""
+        if self.image_present is None:
+            return None
+        if self.image_flags is None:
+            self.image_flags = tuple(bool(v) for v in self.image_present.tolist())
+        return None if all(self.image_flags) else self.image_flags
+
+    @property
     def image_count(self) -> int:
-        """Columns of this micro-batch's X_v: one per sample, or one per image of a packed row."""
-        return self.segments.num_images if self.segments is not None else self.tokens.shape[0]
+        """Columns of this micro-batch's X_v: one per sample, or one per image of a packed row; 0 when no sample
+        has an image (then neither the encoder nor any vision K/V runs)."""
+        if self.segments is not None:
+            return self.segments.num_images
+        present = self.present
+        return self.tokens.shape[0] if present is None or any(present) else 0
 
 
 def build_model_chunks(model_cls, config, lm, **kwargs) -> list[torch.nn.Module]:
@@ -159,7 +180,7 @@ def forward_backward(
     config = model.config
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-    mixed = any(mb.image_present is not None and not bool(mb.image_present.all()) for mb in microbatches)
+    mixed = any(mb.present is not None for mb in microbatches)
     if mixed and not model.vision_on_every_stage and pipelined:
         raise NotImplementedError("vanilla LLaVA under pipeline parallelism needs every sample to have an image")
     lengths = {decoder_length(mb, model, vision_tokens) for mb in microbatches}
@@ -178,7 +199,7 @@ def forward_backward(
     def forward_step(data_iterator, model):
         index, mb = next(data_iterator)
         vision = features[index]
-        kwargs = dict(image_present=mb.image_present, packed_seq_params=mb.segments)
+        kwargs = dict(image_present=mb.present if vision is not None else None, packed_seq_params=mb.segments)
         if score is not None:
             return model(mb.tokens, mb.positions, vision, **kwargs), partial(score, mb)
         output = model(mb.tokens, mb.positions, vision, labels=mb.labels, **kwargs)
