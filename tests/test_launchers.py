@@ -279,6 +279,24 @@ def example_scripts() -> list[str]:
     return scripts
 
 
+@pytest.mark.parametrize("script", glob.glob(os.path.join(SLURM_DIR, "*.sbatch")), ids=os.path.basename)
+def test_slurm_scripts_prune_checkpoints_and_save_in_the_background(script):
+    """Long jobs keep a bounded number of checkpoints, with a retain interval the trainer accepts (a multiple
+    of the save interval), and write them with --async-save."""
+    from himix_megatron.training.config import TrainConfig, check_stopping_and_retention
+
+    text = "\n".join(line.split(" #", 1)[0] for line in open(script).read().splitlines()
+                     if not line.lstrip().startswith("#"))
+    flags = {name: re.findall(rf"--{name} (\d+)", text) for name in ("save-interval", "save-keep-last",
+                                                                      "save-retain-interval")}
+    assert all(len(set(values)) == 1 for values in flags.values()), flags
+    assert "--async-save" in text
+    interval, keep, retain = (int(values[0]) for values in flags.values())
+    assert keep >= 2, "keep the checkpoint a resume falls back to"
+    check_stopping_and_retention(TrainConfig(data_path=["d"], save="s", save_interval=interval, save_keep_last=keep,
+                                             save_retain_interval=retain, async_save=True))
+
+
 @pytest.mark.parametrize("script", example_scripts(), ids=os.path.basename)
 def test_example_script_syntax(script):
     result = subprocess.run(["bash", "-n", script], capture_output=True, text=True, timeout=30)
