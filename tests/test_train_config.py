@@ -100,35 +100,20 @@ def test_missing_data_path():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--pad-to-seq-length", "--seq-length", "2047"], r"--fp8-format needs the text GEMM rows, --seq-length 2047 x "
-                                                     r"--micro-batch-size 1, to be a multiple of 8"),
-    (["--pad-to-seq-length", "--seq-length", "2056", "--sequence-parallel", "--tensor-model-parallel-size", "2"],
-     r"--seq-length 2056 / TP 2 x --micro-batch-size 1, to be a multiple of 8"),
+    (["--pad-to-seq-length", "--seq-length", "2040"], r"--fp8-recipe delayed needs the text GEMM rows, --seq-length "
+                                                     r"2040 x --micro-batch-size 1, to be a multiple of 16"),
+    (["--pad-to-seq-length", "--seq-length", "2064", "--sequence-parallel", "--tensor-model-parallel-size", "2"],
+     r"--seq-length 2064 / TP 2 x --micro-batch-size 1, to be a multiple of 16"),
+    (["--pad-to-seq-length", "--seq-length", "2064", "--fp8-recipe", "mxfp8"], r"2064 x .* a multiple of 32"),
+    (["--packing-seq-length", "2064", "--seq-length", "1024", "--fp8-recipe", "mxfp8"],
+     r"--packing-seq-length 2064 must be a multiple of 32 under --fp8-recipe mxfp8"),
 ])
 def test_fp8_shapes_are_refused_before_step_one(shards, extra, message):
     cfg = parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", *extra))
     with pytest.raises(ConfigError, match=message):
         check(cfg, 2, te_available=True, cuda=True)
-    # Dynamic padding and packing round every width up to 8 (8 x TP under sequence parallelism) themselves.
+    # Dynamic padding and packing round every width up to the recipe's multiple themselves.
     check(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--seq-length", "2047")), 1,
           te_available=True, cuda=True)
-
-
-def test_fp8_needs_vision_rows_in_multiples_of_8(shards):
-    from himix_megatron.training.config import check_fp8_vision
-
-    fp8 = parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--micro-batch-size", "4"))
-    check_fp8_vision(fp8, "himix", 728)  # SigLIP-so400m: 728 = 8 x 91
-    with pytest.raises(ConfigError, match=r"N = 63 tokens per image.*--micro-batch-size"):
-        check_fp8_vision(fp8, "himix", 63)
-    check_fp8_vision(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--micro-batch-size", "8")),
-                     "himix", 63)
-    with pytest.raises(ConfigError, match="N = 63 tokens per image.*bf16"):  # packed rows hold any number
-        check_fp8_vision(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--packing-seq-length", "64",
-                                          "--seq-length", "32")), "himix", 63)
-    check_fp8_vision(parse_args(_args(shards, "--micro-batch-size", "3")), "himix", 63)  # bf16: no constraint
-    sp = parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--sequence-parallel",
-                          "--tensor-model-parallel-size", "2"))
-    with pytest.raises(ConfigError, match="vanilla's sequence holds N = 728 image tokens, split over TP 2"):
-        check_fp8_vision(sp, "vanilla", 728)  # 728 / 2 = 364 rows per rank
-    check_fp8_vision(sp, "himix", 728)  # HiMix's image never enters the sequence
+    check(parse_args(_args(shards, "--fp8-format", "hybrid", "--bf16", "--pad-to-seq-length", "--seq-length", "2048",
+                           "--fp8-recipe", "mxfp8")), 1, te_available=True, cuda=True)

@@ -60,6 +60,17 @@ class MixtureAttentionSubmodules(SelfAttentionSubmodules):
     vision_connector: Union[ModuleSpec, None] = None
 
 
+def fp8_row_padding(config, rows: int) -> int:
+    """Rows to add to an FP8 GEMM input of `rows` rows: 0 outside FP8, else up to megatron-core's alignment for
+    the recipe (16; 32 for mxfp8: training/fp8.py states TE's rules)."""
+    if not getattr(config, "fp8", None):
+        return 0
+    from megatron.core.enums import Fp8Recipe
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    return -rows % get_fp8_align_size(Fp8Recipe(config.fp8_recipe))
+
+
 class MixtureAttention(SelfAttention):
     """Self-attention of text queries over [vision K/V ; text K/V] in one softmax."""
 
@@ -106,6 +117,14 @@ class MixtureAttention(SelfAttention):
             # allocated!" on a zero-element tensor. A micro-batch without images passes no X_v at all.
             raise ValueError(f"layer {self.layer_number}: empty vision features {tuple(vision_features.shape)}; "
                              "a micro-batch with no image must pass vision_features=None")
+        n, columns = vision_features.shape[:2]
+        pad = fp8_row_padding(self.config, n * columns)
+        if pad:
+            # FP8 GEMMs take rows in multiples of the recipe's alignment (training/fp8.py), and a mixed batch or a
+            # packed row has any number of images: zero rows fill the vision GEMMs' input and are dropped from
+            # their output (RMSNorm maps a zero row to zero, so they touch no amax and no weight gradient).
+            flat = vision_features.reshape(n * columns, 1, vision_features.shape[-1])
+            vision_features = torch.cat([flat, flat.new_zeros(pad, 1, flat.shape[-1])])
         if self.vision_connector is not None:
             # megatron's MLP hands back fc2's bias separately, for fusion into a residual add.
             vision_features, bias = self.vision_connector(vision_features)
@@ -117,6 +136,8 @@ class MixtureAttention(SelfAttention):
         else:
             x = self.vision_norm(vision_features)
             mixed = self.linear_kv_vision(x)[0] if self.linear_kv_vision is not None else self._shared_key_value(x)
+        if pad:
+            mixed = mixed[:n * columns].reshape(n, columns, mixed.shape[-1])
         mixed = mixed.view(*mixed.shape[:2], self.num_query_groups_per_partition, 2 * self.hidden_size_per_attention_head)
         key, value = mixed.chunk(2, dim=-1)
         return key, value

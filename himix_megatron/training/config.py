@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from himix_megatron.config import ARCHS, ConfigError
+from himix_megatron.training.fp8 import FP8_FORMATS, FP8_RECIPES, check_fp8_flags, fp8_align
 
 STAGES = ("pretrain", "further-pretrain", "finetune")
-FP8_FORMATS = ("hybrid", "e4m3")
 
 
 @dataclass
@@ -97,6 +97,11 @@ class TrainConfig:
     # --- precision and memory
     bf16: bool = False
     fp8_format: Optional[str] = field(default=None, metadata={"choices": FP8_FORMATS})
+    fp8_recipe: str = field(default="delayed", metadata={"choices": FP8_RECIPES, "help": (
+        "with --fp8-format: megatron-core's scaling recipe; tensorwise (current scaling) and delayed need compute "
+        "capability 8.9+, blockwise 9.0+ and CUDA 12.9, mxfp8 a Blackwell (10.x) GPU (training/fp8.py)")})
+    fp8_param_gather: bool = field(default=False, metadata={
+        "help": "keep the decoder's weights in FP8 and all-gather them in FP8 (needs --use-distributed-optimizer)"})
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = field(default="max", metadata={"choices": ("max", "most_recent")})
@@ -298,26 +303,6 @@ def check_packing(cfg: TrainConfig, dp: int) -> None:
         raise ConfigError("--packing-max-images must be >= 1")
 
 
-def check_fp8_vision(cfg: TrainConfig, arch: str, vision_tokens: int) -> None:
-    """FP8 GEMMs need their rows in multiples of 8. HiMix's vision K/V projections run over N x images rows
-    (images: the micro-batch, or a packed row's, any number); vanilla's sequence holds N image tokens."""
-    if cfg.fp8_format is None:
-        return
-    split = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
-    if arch == "vanilla" and split > 1 and vision_tokens % (8 * split):
-        raise ConfigError(f"--fp8-format with --sequence-parallel: vanilla's sequence holds N = {vision_tokens} image "
-                          f"tokens, split over TP {split}; FP8 GEMMs need each rank's rows in multiples of 8, so N "
-                          f"must be a multiple of {8 * split}")
-    if vision_tokens % 8 == 0:
-        return
-    if arch == "vanilla" or cfg.packing_seq_length is not None or vision_tokens * cfg.micro_batch_size % 8:
-        raise ConfigError(
-            f"--fp8-format: the vision encoder gives N = {vision_tokens} tokens per image, and FP8 GEMMs need "
-            "rows in multiples of 8: " + ("use a --micro-batch-size that makes N x micro-batch one"
-                                          if arch != "vanilla" and cfg.packing_seq_length is None else
-                                          "train this encoder in bf16"))
-
-
 def packing_max_images(cfg: TrainConfig) -> int:
     """The cap on images per packed row. Measured on a LLaVA-like mix (tools/bench_packing.py, rows of 2048,
     steps of 16 samples): without pipeline parallelism no cap costs padding (rows are only as long as their
@@ -478,6 +463,7 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
                               f"{'a GPU' if cuda else 'no GPU'} and {'' if te_available else 'no '}Transformer Engine")
         if not cfg.bf16:
             raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs inside a BF16 model, as in Megatron-LM)")
+    check_fp8_flags(cfg)
     if cfg.sequence_parallel and cfg.tensor_model_parallel_size == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if cfg.pad_to_seq_length:
@@ -486,10 +472,11 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
         if cfg.seq_length % split:
             raise ConfigError(f"--sequence-parallel splits --seq-length {cfg.seq_length} over "
                               f"--tensor-model-parallel-size {split}: it must divide it")
-        if cfg.fp8_format is not None and (cfg.seq_length // split * cfg.micro_batch_size) % 8:
-            raise ConfigError(f"--fp8-format needs the text GEMM rows, --seq-length {cfg.seq_length}"
+        align = fp8_align(cfg.fp8_recipe) if cfg.fp8_format is not None else 1
+        if (cfg.seq_length // split * cfg.micro_batch_size) % align:
+            raise ConfigError(f"--fp8-recipe {cfg.fp8_recipe} needs the text GEMM rows, --seq-length {cfg.seq_length}"
                               + (f" / TP {split}" if split > 1 else "") + f" x --micro-batch-size "
-                              f"{cfg.micro_batch_size}, to be a multiple of 8")
+                              f"{cfg.micro_batch_size}, to be a multiple of {align}")
     if cfg.save_interval is not None and cfg.save is None:
         raise ConfigError("--save-interval needs --save")
     check_stopping_and_retention(cfg)

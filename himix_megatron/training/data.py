@@ -80,9 +80,13 @@ def train_iters(cfg: TrainConfig, global_batch_size: int, dp: int, tokenizer, te
 
 
 def row_multiple(cfg: TrainConfig) -> int:
-    """Micro-batch widths round up to this: 8 for FP8's GEMMs (and few distinct shapes); sequence
-    parallelism splits the rows over TP ranks, and each rank's share must be a multiple of 8 too."""
-    return ROW_MULTIPLE * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+    """Micro-batch widths round up to this: 8 (few distinct shapes), or under FP8 what the recipe's GEMMs need
+    (16, 32 for mxfp8: training/fp8.py); sequence parallelism splits the rows over TP ranks, and each rank's
+    share must be such a multiple too."""
+    from himix_megatron.training.fp8 import fp8_align
+
+    multiple = max(ROW_MULTIPLE, fp8_align(cfg.fp8_recipe)) if cfg.fp8_format is not None else ROW_MULTIPLE
+    return multiple * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
 
 
 def packing_config(cfg: TrainConfig, vision_tokens: int) -> Optional[PackingConfig]:

@@ -62,6 +62,7 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], cfg: TrainConfig) -> list[torch.
         grad_reduce_in_fp32=True,  # fp32 main grads under bf16
         overlap_grad_reduce=cfg.overlap_grad_reduce,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
+        fp8_param_gather=cfg.fp8_param_gather,  # the weights' all-gather in FP8 (config.fp8_param keeps them so)
     )
     wrapped = []
     for i, chunk in enumerate(chunks):
@@ -81,6 +82,7 @@ def build_optimizer(chunks: Sequence[torch.nn.Module], cfg: TrainConfig, train_i
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
+        fp8_recipe=cfg.fp8_recipe if cfg.fp8_format is not None else None,
     ), list(chunks))
     warmup = int(round(cfg.lr_warmup_fraction * train_iters))
     scheduler = OptimizerParamScheduler(

@@ -45,11 +45,11 @@ from himix_megatron.training import data as training_data
 from himix_megatron.training.config import (
     TrainConfig,
     check,
-    check_fp8_vision,
     encoder_tensor_parallel_size,
     gamma_mod_settings,
     packing_max_images,
 )
+from himix_megatron.training import fp8
 from himix_megatron.training.metrics import MetricsLogger, detect_peak_flops
 from himix_megatron.training.optimizer import apply_stage, build_optimizer, wrap_ddp
 
@@ -103,6 +103,16 @@ def _description(cfg: TrainConfig, checkpoint: Optional[str]) -> ModelDescriptio
     return ModelDescription(cfg.arch, language_model_preset(cfg.model), vision, cfg.template)
 
 
+def check_gpu(cfg: TrainConfig) -> None:
+    """What only this machine's GPU and Transformer Engine can tell, refused before anything is built."""
+    if not torch.cuda.is_available():
+        return
+    if cfg.fp8_format is not None:
+        problem = fp8.gpu_recipe_problem(cfg.fp8_recipe)
+        if problem:
+            raise ConfigError(f"{problem}; choose another --fp8-recipe, or drop --fp8-format")
+
+
 def setup(cfg: TrainConfig) -> Run:
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
@@ -114,12 +124,13 @@ def setup(cfg: TrainConfig) -> Run:
                               encoder_tensor_parallel_size(cfg))
     launch = platform.discover_launch()
     check(cfg, launch.world_size, te_available=te_available(), cuda=torch.cuda.is_available())
+    check_gpu(cfg)
     platform.initialize(parallel, seed=cfg.seed, launch=launch)
 
     # Resolved once, so every read below comes from the same iteration even if a save lands meanwhile.
     checkpoint = resolve(cfg.load) if _has_checkpoint(cfg.load) else None
     description = _description(cfg, checkpoint)
-    check_fp8_vision(cfg, description.arch, description.vision.num_features)
+    fp8.check_layout(cfg, description)
     positions = description.language.max_position_embeddings
     if cfg.seq_length > positions:
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's {positions} positions "
@@ -143,12 +154,9 @@ def setup(cfg: TrainConfig) -> Run:
         overrides.update(recompute_granularity=cfg.recompute_granularity)
         if cfg.recompute_granularity == "full":
             overrides.update(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
-    if cfg.fp8_format:
-        # megatron-core's TransformerBlock enters TE's fp8_autocast with this DelayedScaling recipe
-        # around every layer; TE modules only, so the local spec never gets here (check() refuses).
-        overrides.update(fp8=cfg.fp8_format, fp8_recipe="delayed", fp8_margin=cfg.fp8_margin,
-                         fp8_amax_history_len=cfg.fp8_amax_history_len,
-                         fp8_amax_compute_algo=cfg.fp8_amax_compute_algo)
+    # megatron-core builds the recipe from these fields and enters TE's fp8_autocast around every layer; TE
+    # modules only, so the local spec never gets here (check() refuses). The encoder's config has none of them.
+    overrides.update(fp8.transformer_overrides(cfg))
     chunks, encoder = build_model(description, parallel, use_cpu_initialization=not torch.cuda.is_available(),
                                   params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, **overrides)
     trainable = apply_stage(chunks, cfg.stage)
