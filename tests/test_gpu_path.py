@@ -266,3 +266,46 @@ def test_a_step_skips_the_encoder_for_micro_batches_without_images(single_rank):
     assert encoded == [2, 2]  # not the all-text micro-batch
     assert seen == [None, (True, False), None]
     assert torch.isfinite(sums).all()
+
+
+@pytest.mark.parametrize("capability, te, cudnn, flash, backends", [
+    ((9, 0), "2.9.0", (9, 10, 0), False, ["fused"]),  # H100 in NGC 25.11 without flash-attn
+    ((9, 0), "2.9.0", (9, 6, 0), False, []),  # padding_causal_bottom_right at any length needs cuDNN 9.7
+    ((8, 0), "2.9.0", (9, 10, 0), False, []),  # A100: cuDNN's thd needs sm90, TE 2.9 has no unfused thd
+    ((8, 0), "2.10.0", (9, 10, 0), True, ["flash"]),
+    ((8, 0), "2.11.0", (9, 10, 0), False, ["unfused"]),
+    ((12, 0), "2.9.0", (9, 10, 0), True, ["flash"]),  # sm120: TE disables fused thd
+    ((10, 0), "2.11.0", (9, 10, 0), True, ["flash", "fused", "unfused"]),
+])
+def test_which_te_backends_can_run_thd_segments(capability, te, cudnn, flash, backends):
+    assert core_attention.thd_backends(capability, te, cudnn, flash) == backends
+    problem = core_attention.thd_problem(capability, te, cudnn, flash)
+    assert (problem is None) == bool(backends)
+    if problem:
+        assert "install flash-attn" in problem and f"compute capability {capability[0]}.{capability[1]}" in problem
+
+
+def test_without_a_thd_backend_packing_and_vanilla_are_refused_and_himix_masks(tmp_path, monkeypatch):
+    """Issue 25 item 4: on an Ampere GPU without flash-attn under TE 2.9/2.10 no backend runs thd; the trainer
+    says so before step 1 for what needs it, naming the flag and the fix, and HiMix falls back to the mask."""
+    from himix_megatron.config import ConfigError
+    from himix_megatron.training import trainer
+    from himix_megatron.training.config import parse_args
+
+    (tmp_path / "a").mkdir()
+    cfg = lambda *extra: parse_args(["--data-path", str(tmp_path / "a"), "--train-iters", "1", *extra])  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(core_attention, "te_available", lambda: True)
+    problem = core_attention.thd_problem((8, 0), "2.9.0", (9, 10, 0), False)
+    monkeypatch.setattr(core_attention, "gpu_thd_problem", lambda: problem)
+    with pytest.raises(ConfigError, match=r"--packing-seq-length: no Transformer Engine attention backend .* install "
+                                          r"flash-attn .*; or train unpacked"):
+        trainer.thd_attention(cfg("--packing-seq-length", "64"), "himix")
+    with pytest.raises(ConfigError, match=r"--arch vanilla: a micro-batch with a text-only sample .* install flash-attn"):
+        trainer.thd_attention(cfg(), "vanilla")
+    assert trainer.thd_attention(cfg(), "himix") is False  # the caller turns mixed_batches_as_segments off
+    monkeypatch.setattr(core_attention, "gpu_thd_problem", lambda: None)
+    assert trainer.thd_attention(cfg("--packing-seq-length", "64"), "vanilla") is True
+    monkeypatch.setattr(core_attention, "te_available", lambda: False)
+    monkeypatch.setattr(core_attention, "gpu_thd_problem", lambda: problem)
+    assert trainer.thd_attention(cfg("--packing-seq-length", "64"), "vanilla") is True  # local spec: always

@@ -39,6 +39,53 @@ def te_available() -> bool:
         return False
 
 
+def thd_backends(capability: tuple, te_version: str, cudnn_version: tuple, flash_attn: bool) -> list[str]:
+    """Which Transformer Engine attention backends can run HiMix's `thd` segments (packed rows, and unpacked
+    batches with imageless samples): `padding_causal_bottom_right` with GQA. Read from TE 2.9-2.11:
+
+    - flash: flash-attn 2 (its varlen causal is bottom-right), sm80+, when TE accepts the installed version
+      (`FlashAttentionUtils.is_installed`; `flash_attn` here);
+    - fused (cuDNN): `thd` only on sm90+ (not sm120), padding_causal_bottom_right from cuDNN 9.6 with every
+      max_seqlen a multiple of 64, any lengths from 9.7 (`nvte_get_fused_attn_backend`); GQA in thd from 9.6;
+    - unfused: TE 2.9 and 2.10 disable it for `thd` (`get_attention_backend`); 2.11 keeps it (slow: it
+      materialises the scores).
+    """
+    from packaging.version import Version
+
+    found = []
+    if flash_attn and tuple(capability) >= (8, 0):
+        found.append("flash")
+    if tuple(capability) >= (9, 0) and tuple(capability[:1]) != (12,) and tuple(cudnn_version) >= (9, 7):
+        found.append("fused")
+    if Version(te_version) >= Version("2.11"):
+        found.append("unfused")
+    return found
+
+
+def thd_problem(capability: tuple, te_version: str, cudnn_version: tuple, flash_attn: bool) -> Optional[str]:
+    """Why no backend can run `thd` attention here, with the fix; None when one can."""
+    if thd_backends(capability, te_version, cudnn_version, flash_attn):
+        return None
+    return (f"no Transformer Engine attention backend runs packed (thd) segments on compute capability "
+            f"{capability[0]}.{capability[1]} with TE {te_version} and cuDNN {'.'.join(map(str, cudnn_version))}: "
+            "cuDNN's needs sm90+ and cuDNN 9.7, TE before 2.11 disables the unfused one for thd, and flash-attn "
+            "is not installed (or not a version TE accepts); install flash-attn (pip install flash-attn "
+            "--no-build-isolation), or use TE >= 2.11")
+
+
+def gpu_thd_problem() -> Optional[str]:
+    """`thd_problem` for this process's GPU and Transformer Engine (a GPU machine with TE only)."""
+    from importlib.metadata import version
+
+    # backends.py sets FlashAttentionUtils.is_installed on import, when flash-attn's version is one TE accepts.
+    import transformer_engine.pytorch.attention.dot_product_attention.backends  # noqa: F401
+    from transformer_engine.pytorch.attention.dot_product_attention.utils import FlashAttentionUtils
+    from transformer_engine.pytorch.utils import get_cudnn_version
+
+    return thd_problem(torch.cuda.get_device_capability(), version("transformer_engine"), get_cudnn_version(),
+                       bool(FlashAttentionUtils.is_installed))
+
+
 def _segment_lengths(packed_seq_params) -> tuple[list[int], list[int]]:
     """Per-segment query and key lengths, from the Python ints of a SegmentParams when it has them."""
     lengths = getattr(packed_seq_params, "seqlens_q", None)

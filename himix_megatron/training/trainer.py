@@ -113,6 +113,27 @@ def check_gpu(cfg: TrainConfig) -> None:
             raise ConfigError(f"{problem}; choose another --fp8-recipe, or drop --fp8-format")
 
 
+def thd_attention(cfg: TrainConfig, arch: str) -> bool:
+    """Whether the TE spec's attention can run `thd` segments on this GPU (True off the TE spec: the local
+    packed attention always can). Packing needs them, and so does vanilla's mixed unpacked batch; refused
+    before step 1 with the fix where no backend can (core_attention.thd_backends)."""
+    from himix_megatron.model.core_attention import gpu_thd_problem, te_available
+
+    if not (torch.cuda.is_available() and te_available()):
+        return True
+    problem = gpu_thd_problem()
+    if problem is None:
+        return True
+    if cfg.packing_seq_length is not None:
+        raise ConfigError(f"--packing-seq-length: {problem}; or train unpacked (drop --packing-seq-length)")
+    if arch == "vanilla":
+        raise ConfigError(f"--arch vanilla: a micro-batch with a text-only sample attends through thd segments on "
+                          f"Transformer Engine, and {problem}")
+    log.warning("%s; HiMix attends to micro-batches with text-only samples through an explicit mask instead "
+                "(TE's unfused backend: slower)", problem)
+    return False
+
+
 def setup(cfg: TrainConfig) -> Run:
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
@@ -131,6 +152,7 @@ def setup(cfg: TrainConfig) -> Run:
     checkpoint = resolve(cfg.load) if _has_checkpoint(cfg.load) else None
     description = _description(cfg, checkpoint)
     fp8.check_layout(cfg, description)
+    thd = thd_attention(cfg, description.arch)
     positions = description.language.max_position_embeddings
     if cfg.seq_length > positions:
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's {positions} positions "
@@ -159,6 +181,9 @@ def setup(cfg: TrainConfig) -> Run:
     overrides.update(fp8.transformer_overrides(cfg))
     chunks, encoder = build_model(description, parallel, use_cpu_initialization=not torch.cuda.is_available(),
                                   params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, **overrides)
+    if not thd:  # HiMix attends to a mixed batch through an explicit mask instead (sbhd: every backend)
+        for chunk in chunks:
+            chunk.mixed_batches_as_segments = False
     trainable = apply_stage(chunks, cfg.stage)
     chunks = wrap_ddp(chunks, cfg)
     config = chunks[0].config
