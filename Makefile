@@ -21,9 +21,9 @@ $(STAMP): setup.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(PY) -m pip install --quiet -e '.[test,mpi]'; \
+		$(PY) -m pip install --quiet -e '.[test,mpi,wandb]'; \
 	else \
-		$(PY) -m pip install --quiet -c $(LOCK) -e '.[test,mpi]'; \
+		$(PY) -m pip install --quiet -c $(LOCK) -e '.[test,mpi,wandb]'; \
 	fi
 	touch $(STAMP)
 

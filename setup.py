@@ -36,6 +36,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
         "mpi": ["mpi4py", "mpich"],
+        # --wandb-project (training/wandb_run.py). 0.26 is the first release that allows protobuf 7 (0.25.0 and
+        # 0.22.0 ask for protobuf<7), which tensorboard pulls into the lock.
+        "wandb": ["wandb>=0.26"],
         # GPU only. These ship in the NGC PyTorch container; never install them on a CPU machine
         # (transformer-engine fails to build there, and its core wheel alone breaks megatron imports).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

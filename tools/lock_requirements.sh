@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates requirements/lock-cpu.txt: every Python package that `make install` puts into .venv on a CPU
-# machine (setup.py's install_requires with the test and mpi extras, requirements/lock-cpu.in's CPU torch, and
+# machine (setup.py's install_requires with the test, mpi and wandb extras, requirements/lock-cpu.in's CPU torch, and
 # everything they pull in), each at one exact version, for CPython 3.11 on x86_64 Linux.
 #
 #   tools/lock_requirements.sh                          keep every pin that still satisfies the inputs; add or
@@ -31,7 +31,7 @@ done
 
 .venv-lock/bin/uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     "${find_links[@]}" --custom-compile-command "tools/lock_requirements.sh" \
-    setup.py --extra test --extra mpi requirements/lock-cpu.in -o "$LOCK" "$@"
+    setup.py --extra test --extra mpi --extra wandb requirements/lock-cpu.in -o "$LOCK" "$@"
 
 if ! grep -qE '^torch==[0-9.]+\+cpu$' "$LOCK"; then
     echo "error: torch resolved to $(grep '^torch==' "$LOCK" || echo nothing), not a +cpu build: no CPU wheel" \

@@ -153,6 +153,21 @@ class TrainConfig:
     eval_interval: Optional[int] = None
     eval_iters: Optional[int] = field(default=None, metadata={"help": "default: the whole validation set"})
     tensorboard_dir: Optional[str] = None
+    log_timers_to_tensorboard: bool = field(default=False, metadata={
+        "help": "add megatron-core's timers (NAME-time: seconds per iteration, the slowest rank's) to TensorBoard "
+                "and W&B"})
+    timing_log_level: int = field(default=0, metadata={
+        "choices": (0, 1, 2), "help": "which timers run: 0 the iteration and the save, 1 also forward-backward, "
+                                      "gradient sync and the optimizer's parts, 2 also compute, p2p and data"})
+    log_memory_to_tensorboard: bool = field(default=False, metadata={
+        "help": "add memory (mem-*-bytes: CUDA allocator, or resident set on CPU; the largest rank's) to "
+                "TensorBoard and W&B"})
+    # Weights & Biases (training/wandb_run.py; the optional extra `wandb`)
+    wandb_project: Optional[str] = field(default=None, metadata={"help": "log to this W&B project (from the last "
+                                                                         "rank, like TensorBoard)"})
+    wandb_exp_name: Optional[str] = field(default=None, metadata={"help": "the W&B run's name"})
+    wandb_save_dir: Optional[str] = field(default=None, metadata={"help": "W&B's local files (default: --save/wandb)"})
+    wandb_entity: Optional[str] = field(default=None, metadata={"help": "the W&B team or user"})
     max_bad_steps: int = field(default=5, metadata={
         "help": "consecutive NaN/Inf steps (skipped) before saving and aborting"})
     peak_flops: Optional[float] = field(default=None, metadata={
@@ -480,6 +495,9 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
     if cfg.save_interval is not None and cfg.save is None:
         raise ConfigError("--save-interval needs --save")
     check_stopping_and_retention(cfg)
+    from himix_megatron.training import wandb_run
+
+    wandb_run.check(cfg)
     if cfg.eval_interval is not None and not cfg.valid_data_path:
         raise ConfigError("--eval-interval needs --valid-data-path")
     if cfg.overlap_grad_reduce and cfg.pipeline_model_parallel_size > 1:

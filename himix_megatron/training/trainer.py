@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -260,8 +260,43 @@ def _has_router(checkpoint: str) -> bool:
     return any(key.endswith("mod_router.weight") for key in dist_checkpointing.load_tensors_metadata(checkpoint))
 
 
+@contextmanager
+def _timed(run: Run, name: str, log_level: int):
+    """Megatron-LM's timer `name` around the block, under --log-timers-to-tensorboard (megatron-core's Timers, kept
+    where its schedules read them: the model config's `timers`)."""
+    timers = run.chunks[0].config.timers
+    timer = timers(name, log_level=log_level) if timers is not None else None
+    if timer is not None:
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.stop()
+
+
+def _start_timers(run: Run):
+    """--log-timers-to-tensorboard: megatron-core's Timers into the configs its schedules, gradient finalisation
+    and optimizer read."""
+    if not run.cfg.log_timers_to_tensorboard:
+        return None
+    from megatron.core.timers import Timers
+
+    timers = Timers(run.cfg.timing_log_level, "minmax")
+    for chunk in run.chunks:
+        chunk.config.timers = timers
+    for optimizer in getattr(run.optimizer, "chained_optimizers", [run.optimizer]):
+        optimizer.config.timers = timers
+    return timers
+
+
 def _save(run: Run, loader, async_saves=None) -> None:
     """Save now (synchronously), or hand the save to `async_saves`; rank 0 reports once it is complete."""
+    with _timed(run, "save-checkpoint", 0):
+        _save_now(run, loader, async_saves)
+
+
+def _save_now(run: Run, loader, async_saves) -> None:
     cfg = run.cfg
     iteration, start, blocked = run.iteration, time.monotonic(), {}
 
@@ -388,7 +423,8 @@ def train_step(run: Run, microbatches, inject_nan: bool = False, flops_of=lambda
     grad_norm = run.optimizer.get_grad_norm()
     if not (math.isfinite(reduced["loss_sum"]) and grad_norm is not None and math.isfinite(grad_norm)):
         return reduced, grad_norm, True
-    ok, _, _ = run.optimizer.step()
+    with _timed(run, "optimizer", 1):
+        ok, _, _ = run.optimizer.step()
     if not ok:
         return reduced, grad_norm, True
     run.scheduler.step(increment=1)
@@ -417,11 +453,22 @@ def train(cfg: TrainConfig) -> dict:
         return training_flops(description.language, description.arch, description.vision.num_features, text_length,
                               cfg.stage, description.vision.hidden_size)
 
+    wandb = None
+    if cfg.wandb_project:
+        from himix_megatron.training.wandb_run import WandbWriter, run_config
+
+        config = run_config(cfg, description, world_size=torch.distributed.get_world_size(),
+                            data_parallel_size=cfg.data_parallel_size, train_iters=run.train_iters,
+                            global_batch_size=run.global_batch_size, num_microbatches=run.num_microbatches,
+                            start_iteration=run.iteration)
+        wandb = functools.partial(WandbWriter, cfg, config, resumed=run.iteration > 0)
     metrics = MetricsLogger(
         rank=torch.distributed.get_rank(), total_iters=run.train_iters, start_iter=run.iteration,
         world_size=torch.distributed.get_world_size(),
         peak_flops=detect_peak_flops(cfg.peak_flops, cfg.fp8_format is not None),
-        tensorboard_dir=cfg.tensorboard_dir, progress=cfg.progress, log_interval=cfg.log_interval)
+        tensorboard_dir=cfg.tensorboard_dir, progress=cfg.progress, log_interval=cfg.log_interval,
+        wandb=wandb, timers=_start_timers(run), timing_log_level=cfg.timing_log_level,
+        log_memory=cfg.log_memory_to_tensorboard)
     batches = training_data.step_stream(run, loader)
     bad_in_a_row, result, history = 0, {}, []
     mod_aux_window = []  # gamma-MoD: the aux loss of the steps since the last log line
@@ -431,7 +478,8 @@ def train(cfg: TrainConfig) -> dict:
     async_saves = AsyncSaves() if cfg.async_save else None
     requests, stopped = StopRequests(cfg), None
     while run.iteration < stop:
-        microbatches = next(batches)
+        with _timed(run, "batch-generator", 2):
+            microbatches = next(batches)
         run.iteration += 1
         reduced, grad_norm, skipped = train_step(run, microbatches, run.iteration in cfg.inject_nan_at, flops_of)
         run.consumed_samples += run.global_batch_size
@@ -450,7 +498,7 @@ def train(cfg: TrainConfig) -> dict:
                      text_tokens=int(reduced["text_tokens"]), samples=int(reduced["samples"]),
                      model_flops=reduced["model_flops"], computed_tokens=int(reduced["computed_tokens"]),
                      rows=int(reduced["rows"]), grad_norm=grad_norm, skipped=skipped,
-                     lr=run.optimizer.param_groups[0]["lr"], data_skipped=loader.stats()["skipped"])
+                     lr=run.optimizer.param_groups[0]["lr"], loader_stats=loader.stats())
         if mod_aux_window and run.iteration % cfg.log_interval == 0:
             mean = sum(mod_aux_window) / len(mod_aux_window)
             metrics.print(f"iteration {run.iteration:6d} | gamma-MoD aux loss {mean:.4f} (in the objective besides "
