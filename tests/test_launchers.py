@@ -117,7 +117,7 @@ def logged_losses(text: str) -> dict[int, float]:
 
 
 def event_files(tb_dir) -> list[str]:
-    """In creation order: each (re)started rank 0 writes its own file, named events.out.tfevents.<time>...."""
+    """In creation order: each (re)started last rank (TensorBoard's writer) writes its own file, named events.out.tfevents.<time>...."""
     files = glob.glob(os.path.join(str(tb_dir), "events.out.tfevents.*"))
     return sorted(files, key=lambda f: (int(os.path.basename(f).split(".")[3]), os.path.getmtime(f)))
 
