@@ -85,7 +85,7 @@ def import_hf(arch: str, hf_llm: str, hf_vision: str, out: str, seed: int) -> tu
     ckpt = os.path.join(out, arch, "imported")
     start = time.perf_counter()
     run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "import", "--hf-llm", hf_llm,
-         "--hf-vision", hf_vision, "--arch", arch, "--tensor-model-parallel-size", "2", "--template", "vicuna_v1",
+         "--hf-vision", hf_vision, "--arch", arch, "--tensor-model-parallel-size", "2", "--template", "tinyllama",
          "--seed", str(seed), "--output", ckpt], os.path.join(out, f"{arch}-import.log"))
     return ckpt, time.perf_counter() - start
 
@@ -98,7 +98,7 @@ def train(arch: str, stage: str, iters: int, lr: float, out: str, data: str, loa
            "-m", "himix_megatron.train", "--load", load, "--stage", stage,
            "--tensor-model-parallel-size", "2",
            "--data-path", os.path.join(data, "train"), "--valid-data-path", os.path.join(data, "valid"),
-           "--tokenizer-model", os.path.join(data, "tokenizer"), "--template", "vicuna_v1", "--system-prompt", "",
+           "--tokenizer-model", os.path.join(data, "tokenizer"), "--template", "tinyllama", "--system-prompt", "",
            # Packed, as the launch scripts train: a step's 32 samples (~20 text tokens each) in one row with
            # each sample's own image; --global-batch-size still counts samples.
            "--seq-length", "24", "--packing-seq-length", "768", "--packing-max-images", "32",
@@ -115,25 +115,27 @@ def train(arch: str, stage: str, iters: int, lr: float, out: str, data: str, loa
 
 
 def answer_one_image(checkpoint: str, out: str, data: str) -> str:
-    """Export to Hugging Face, then generate an answer for the first held-out sample with transformers."""
+    """Export to Hugging Face, then generate an answer for the first held-out sample with transformers, prompted
+    by the export's own chat template (which carries the system prompt training recorded, "" here)."""
     hf_dir = os.path.join(out, "himix-hf")
     shutil.rmtree(hf_dir, ignore_errors=True)
     run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "export", "--load", checkpoint,
          "--output", hf_dir], os.path.join(out, "export.log"))
     script = f"""
 import json, sys, torch
-from transformers import AutoModelForCausalLM
-from himix_megatron.data import load_tokenizer, TemplateConfig, generation_prompt, ImageConfig
+import io
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
 from himix_megatron.data.shards import ShardDirectory, ShardReader
-from himix_megatron.data.image import load_and_preprocess
 model = AutoModelForCausalLM.from_pretrained({hf_dir!r}, trust_remote_code=True).eval()
-tok = load_tokenizer({hf_dir!r})
+processor = AutoProcessor.from_pretrained({hf_dir!r}, trust_remote_code=True)
 sample = ShardReader().read(ShardDirectory.open({os.path.join(data, 'valid')!r}).shards[0], 0)
 question = sample.record["conversations"][0]["value"].replace("<image>", "").strip()
-ids = generation_prompt([question], [], tok, TemplateConfig("vicuna_v1", system=""), has_image=True)
-pixels = torch.as_tensor(load_and_preprocess(sample.image, ImageConfig(size={IMAGE_SIZE}), what="image", normalized=True))[None]
-out = model.generate(torch.tensor([ids]), pixel_values=pixels, max_new_tokens=4, do_sample=False)
-answer = tok.decode(out[0, len(ids):].tolist())
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=text, images=Image.open(io.BytesIO(sample.image)).convert("RGB"), return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+answer = processor.decode(out[0, inputs["input_ids"].shape[1]:].tolist(), skip_special_tokens=True).strip()
 print(json.dumps({{"question": question, "expected": sample.record["conversations"][1]["value"], "answer": answer}}))
 """
     output = run([sys.executable, "-c", script], os.path.join(out, "generate.log"))

@@ -63,17 +63,23 @@ class ModelDescription:
     # Rows of the (padded) embedding; None until the model is first built. Recorded so that the
     # model reloads at another TP (Megatron-LM's padding depends on the TP it is built at).
     padded_vocab_size: Optional[int] = None
+    # The exact system prompt the template rendered in training ("" for none); None in checkpoints written
+    # before it was recorded. Exports and himix-eval prompt with it.
+    system_prompt: Optional[str] = None
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "language": dataclasses.asdict(self.language),
                 "vision": dataclasses.asdict(self.vision), "template": self.template,
-                "padded_vocab_size": self.padded_vocab_size}
+                "padded_vocab_size": self.padded_vocab_size, "system_prompt": self.system_prompt}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "himix.json") -> "ModelDescription":
         try:
+            system = d.get("system_prompt")
+            if system is not None and not isinstance(system, str):
+                raise TypeError(f"system_prompt is {type(system).__name__}, not a string")
             return cls(d["arch"], LanguageModelConfig(**d["language"]), VisionModelConfig(**d["vision"]),
-                       d.get("template"), d.get("padded_vocab_size"))
+                       d.get("template"), d.get("padded_vocab_size"), system)
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{where}: not a model description ({e})") from e
 

@@ -89,7 +89,7 @@ def _checkpoint_loss(load_dir: str, synthetic) -> float:
     chunks, encoder = build_model(description, parallel)
     load_checkpoint(load_dir, chunks, encoder=encoder)
     loader = ShardLoader(LoaderConfig((DatasetSpec.of(str(synthetic / "valid")),), micro_batch_size=8, seq_length=24,
-                                      template=TemplateConfig("vicuna_v1", system=""), image=ImageConfig(size=56),
+                                      template=TemplateConfig("tinyllama", system=""), image=ImageConfig(size=56),
                                       shuffle=False, num_workers=0, num_samples=16),
                          load_tokenizer(str(synthetic / "tok")))
     batches = [to_microbatch(b) for b in loader]

@@ -6,9 +6,11 @@ from __future__ import annotations
 from himix_megatron.data.templates import DEFAULT_SYSTEMS
 
 CORPUS = [
-    DEFAULT_SYSTEMS["vicuna_v1"],
-    DEFAULT_SYSTEMS["llama3"],
-    DEFAULT_SYSTEMS["qwen2"],
+    # Three system prompts of earlier releases: kept so the tokenizers (and every length the tests expect) stay.
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    DEFAULT_SYSTEMS["llama3_instruct"],
+    DEFAULT_SYSTEMS["chatml"],
     "USER: What is in the image? ASSISTANT: A red circle.",
     "USER: Where is it? ASSISTANT: On the left.",
     "What colour is the shape? Which shape is it? Describe the picture briefly.",

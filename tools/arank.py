@@ -112,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many MoD layers to choose (default: L - 4, as many as gamma-MoD's default)")
     p.add_argument("--head-reduce", choices=HEAD_REDUCTIONS, default="ranks",
                    help="ranks: mean over heads of each head's rank (official); map: rank of the head-mean map")
-    p.add_argument("--seq-length", type=int, default=2048, help="max text tokens per sample")
+    p.add_argument("--seq-length", type=int, default=2048, help="tokens a sample keeps (the image counted as one)")
     p.add_argument("--tokenizer-model", default=None, help="default: the checkpoint's")
-    p.add_argument("--template", default=None, help="default: the checkpoint's, else vicuna_v1")
-    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--template", default=None, help="default: the checkpoint's, else the paper's for the tokenizer")
+    p.add_argument("--system-prompt", default=None, help="default: the checkpoint's (else the template's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -126,6 +126,7 @@ def run(args) -> dict:
         build_model, checkpoint_tokenizer_dir, load_checkpoint, read_description, resolve)
     from himix_megatron.config import ConfigError, ParallelConfig
     from himix_megatron.data import ShardLoader
+    from himix_megatron.data.templates import resolve_prompt
     from himix_megatron.training import data as training_data
     from himix_megatron.training.config import TrainConfig
 
@@ -146,10 +147,12 @@ def run(args) -> dict:
     if tokenizer_dir is None:
         raise ConfigError("--tokenizer-model is required (the checkpoint has no tokenizer files)")
     tokenizer = training_data.load_tokenizer_checked(tokenizer_dir, description.language)
-    template = args.template or description.template or "vicuna_v1"
+    prompt = resolve_prompt(tokenizer, args.template, args.system_prompt, recorded_template=description.template,
+                            recorded_system=description.system_prompt, where=iter_dir)
+    template = prompt.name
     cfg = TrainConfig(data_path=list(args.data_path), valid_data_path=list(args.data_path),
                       tokenizer_model=tokenizer_dir, template=template,
-                      system_prompt=args.system_prompt, seq_length=args.seq_length, micro_batch_size=1,
+                      system_prompt=prompt.system_prompt, seq_length=args.seq_length, micro_batch_size=1,
                       train_iters=1, num_workers=0, arch="vanilla")
     loader = ShardLoader(training_data.loader_config(cfg, template, description.vision, valid=True),
                          tokenizer, rank=0, world_size=1)

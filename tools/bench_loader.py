@@ -92,8 +92,8 @@ def main(argv=None) -> None:
         shards, sp = make_data(root, args.samples, w, h)
         tok = load_tokenizer(sp)
         image = ImageConfig(size=args.image_size, aspect_ratio=args.aspect_ratio)
-        template = TemplateConfig("vicuna_v1")
-        print(f"{args.samples} samples, {w}x{h} JPEG -> {args.image_size}px ({args.aspect_ratio}), vicuna_v1, "
+        template = TemplateConfig("tinyllama")
+        print(f"{args.samples} samples, {w}x{h} JPEG -> {args.image_size}px ({args.aspect_ratio}), tinyllama, "
               f"{os.cpu_count()} CPUs visible")
 
         enc = SampleEncoder(tok, template, image, seq_length=2048)

@@ -96,12 +96,12 @@ from bench import keep_freed_memory  # noqa: E402  (tools/bench.py, beside this 
 ARCHS = ("himix", "vanilla")
 MODES = ("pad", "dyn", "pack")
 MODE_NAMES = {"pad": "(a) pad to seq-length", "dyn": "(b) dynamic padding", "pack": "(c) packing"}
-TEMPLATE = "vicuna_v1"
+TEMPLATE = "tinyllama"
 # Length mix (see the module docstring).
 CAPTION_FRACTION, TEXT_ONLY_FRACTION = 1 / 3, 0.05
 CAPTION_RANGE = (20, 60)
 CONV_MU, CONV_SIGMA, CONV_MIN = 5.78, 0.71, 64
-ROUND_OVERHEAD = 5  # vicuna_v1 without system prompt: "USER" ":" q "ASSISTANT" ":" a "</s>"
+ROUND_OVERHEAD = 5  # tinyllama without system prompt: "USER" ":" q "ASSISTANT" ":" a "</s>"
 WORDS = 1000
 
 
@@ -175,12 +175,13 @@ def target_lengths(n: int, seq_length: int, rng: np.random.Generator) -> list[tu
             continue
         else:
             kind = "conversation"
-        out.append((kind, int(np.clip(round(rng.lognormal(CONV_MU, CONV_SIGMA)), CONV_MIN, seq_length))))
+        # A sample keeps seq_length tokens, its BOS and image placeholder counted: seq_length - 2 text tokens fit.
+        out.append((kind, int(np.clip(round(rng.lognormal(CONV_MU, CONV_SIGMA)), CONV_MIN, seq_length - 2))))
     return out
 
 
 def conversation(kind: str, length: int, rng: np.random.Generator) -> list[dict]:
-    """LLaVA `conversations` whose vicuna_v1 encoding (system "") has exactly `length` text tokens."""
+    """LLaVA `conversations` whose tinyllama encoding (system "") has exactly `length` text tokens."""
     rounds = 1 if kind == "caption" else int(np.clip(round(length / 120), 1, 12))
     rest = length - rounds * (ROUND_OVERHEAD + 2)  # words beyond one question and one answer word per round
     cuts = np.sort(rng.integers(0, rest + 1, rounds - 1))
@@ -199,13 +200,14 @@ def conversation(kind: str, length: int, rng: np.random.Generator) -> list[dict]
 
 
 def write_tokenizer(directory: str) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     vocab = {t: i for i, t in enumerate(specials + ["USER", "ASSISTANT", ":"] + [f"w{j}" for j in range(WORDS)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     os.makedirs(directory, exist_ok=True)
     tok.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:

@@ -8,10 +8,10 @@
           -> a checkpoint at the given TP x PP, every weight from the reference (none newly initialised).
 
     python tools/convert_checkpoint.py import --hf-llm DIR --hf-vision DIR --arch himix \\
-        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --output ckpt/ [--template vicuna_v1]
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --output ckpt/ [--template tinyllama]
     python tools/convert_checkpoint.py export --load ckpt/ --output hf_model/
     python tools/convert_checkpoint.py import-reference --reference DIR \\
-        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --output ckpt/ [--template qwen2]
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --output ckpt/ [--template qwen2_base]
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def main(argv=None) -> int:
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
     imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     imp.add_argument("--output", required=True, help="checkpoint save directory to create")
-    imp.add_argument("--template", default=None, help="conversation template recorded in the checkpoint")
+    imp.add_argument("--template", default=None,
+                     help="conversation template recorded in the checkpoint, with its default system prompt "
+                          "(pretrain, tinyllama, llama-3, qwen2_base, llama3_instruct, chatml)")
     imp.add_argument("--seed", type=int, default=0, help="seed of the new (non-HF) parameters")
 
     ref = sub.add_parser("import-reference", help="HiMix reference-code (TinyLLaVA) checkpoint -> megatron checkpoint",
@@ -75,8 +77,9 @@ def main(argv=None) -> int:
     ref.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     ref.add_argument("--output", required=True, help="checkpoint save directory to create")
     ref.add_argument("--template", default=None,
-                     help="conversation template recorded in the checkpoint (the reference does not record its "
-                          "--conv_version)")
+                     help="conversation template recorded in the checkpoint, with its default system prompt "
+                          "(default: the authors' template for the decoder family, told by its tokenizer: "
+                          "tinyllama, llama-3 or qwen2_base; the reference does not record its --conv_version)")
 
     exp = sub.add_parser("export", help="megatron checkpoint -> Hugging Face",
                          epilog=EXPORT_LAYOUTS, formatter_class=argparse.RawDescriptionHelpFormatter)

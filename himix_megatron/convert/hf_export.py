@@ -29,10 +29,11 @@ tower is written without its last layer and with `vision_feature_layer = -1`, wh
 features; its post_layernorm, which no feature passes through, is then the identity (ones, zeros).
 
 For arch himix the export also holds a remote-code `HiMixProcessor` (processor_config.json; AutoProcessor) and, in
-chat_template.jinja, the conversation template the model was trained with (the checkpoint's, vicuna_v1 when it
-records none) as a Jinja chat template: `processor.apply_chat_template(messages, add_generation_prompt=True)` and
-then `processor(text=..., images=...)` give exactly the ids of `himix_megatron.data.templates.generation_prompt`
-(checked during the export on a sample question), so generic harnesses (lmms-eval's `huggingface` model) prompt
+chat_template.jinja, the conversation template the model was trained with (the checkpoint's, with its recorded
+system prompt as the default) as a Jinja chat template: `processor.apply_chat_template(messages,
+add_generation_prompt=True)` and then `processor(text=..., images=...)` give exactly the ids of
+`himix_megatron.data.templates.generation_prompt` (checked during the export on sample questions, with the
+recorded, another and an empty system prompt), so generic harnesses (lmms-eval's `huggingface` model) prompt
 it as it was trained. The vanilla export keeps the LlavaProcessor and the source's chat template.
 
 config.json records `himix_tested_transformers`, the range of transformers releases the export is tested with
@@ -44,6 +45,7 @@ The output directory appears only when complete (written to `<output>.tmp-<pid>`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -59,22 +61,22 @@ from himix_megatron.hf import TESTED_TRANSFORMERS, TESTED_TRANSFORMERS_KEY
 
 IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_TEMPLATE = "vicuna_v1"  # what `himix_template` is taken to be when the checkpoint records none
 
-# Jinja chat templates equal to himix_megatron.data.templates' renderers (arch himix: the image is not in the
-# sequence). Each image of a message becomes one `<image>` placeholder at the front of that user turn, where
-# training put the image; HiMixProcessor pairs placeholders with images and drops them from the ids. Message
-# content is a string or a list of parts ({"type": "text" | "image", ...}); the text parts are joined by "\n".
-# A system message replaces the template's default system prompt ("" drops it). `{SYSTEM}` is filled in below.
+# Jinja chat templates that render the prompt string of himix_megatron.data.templates, `<image>` placeholders
+# included; HiMixProcessor then tokenizes it as training does (split at `<image>`, each piece as
+# `tokenizer(piece)`, the image ids dropped). A user message's images give `<image>\n` in front of its text (the
+# text parts joined by "\n"), stripped as training strips it. No BOS here: tokenizing the first piece adds it.
+# A system message replaces the recorded system prompt ("" drops it); `{SYSTEM}` is filled in below with the one
+# the model was trained with, since harnesses (lmms-eval) send no system message by default.
 _JINJA_COMMON = r"""{%- macro himix_text(message) -%}
 {%- if message['content'] is string -%}{{ message['content'] }}
 {%- else -%}{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') }}
 {%- endif -%}
 {%- endmacro -%}
-{%- macro himix_images(message) -%}
-{%- if message['content'] is not string -%}
-{%- for part in message['content'] if part['type'] == 'image' -%}<image>{%- endfor -%}
-{%- endif -%}
+{%- macro himix_question(message) -%}
+{%- set images = 0 if message['content'] is string else
+    message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}
+{%- if images -%}{{ ('<image>' * images + '\n' + himix_text(message)) | trim }}{%- else -%}{{ himix_text(message) }}{%- endif -%}
 {%- endmacro -%}
 {%- if messages and messages[0]['role'] == 'system' -%}
 {%- set system = himix_text(messages[0]) -%}{%- set turns = messages[1:] -%}
@@ -88,65 +90,56 @@ _JINJA_COMMON = r"""{%- macro himix_text(message) -%}
 {%- endif -%}
 {%- endfor -%}
 """
+# {system} USER: {q} ASSISTANT: {a}{end}USER: {q2} ASSISTANT:
+_VICUNA_STYLE = r"""{%- if system -%}{{- system + ' ' -}}{%- endif -%}
+{%- for message in turns -%}
+{%- if message['role'] == 'user' -%}
+{{- 'USER: ' + himix_question(message) + ' ' -}}
+{%- if loop.last and add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}
+{%- else -%}
+{{- 'ASSISTANT: ' + himix_text(message) + '{END}' -}}
+{%- endif -%}
+{%- endfor -%}"""
 _JINJA_BODIES = {
-    # <s>{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT:
-    "vicuna_v1": r"""{%- if not bos_token or not eos_token -%}
-{{- raise_exception('the vicuna_v1 template needs BOS and EOS tokens') -}}
-{%- endif -%}
-{{- bos_token -}}
+    "tinyllama": _VICUNA_STYLE.replace("{END}", "</s>"),
+    "llama-3": _VICUNA_STYLE.replace("{END}", "<|end_of_text|>"),
+    "qwen2_base": _VICUNA_STYLE.replace("{END}", "<|endoftext|>"),
+    "llama3_instruct": r"""{%- if system -%}{{- '<|start_header_id|>system<|end_header_id|>\n\n' + system + '<|eot_id|>' -}}{%- endif -%}
 {%- for message in turns -%}
 {%- if message['role'] == 'user' -%}
-{%- if loop.first and system -%}{{- system + ' ' -}}{%- endif -%}
-{{- 'USER:' + himix_images(message) -}}
-{%- set question = himix_text(message) -%}
-{%- if question -%}{{- ' ' + question -}}{%- endif -%}
-{%- if not loop.last or add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}
+{{- '<|start_header_id|>user<|end_header_id|>\n\n' + himix_question(message) + '<|eot_id|>' -}}
+{%- if loop.last and add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}
 {%- else -%}
-{{- ' ' + himix_text(message) + eos_token -}}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' + himix_text(message) + '<|eot_id|>' -}}
 {%- endif -%}
 {%- endfor -%}""",
-    "llama3": r"""{{- bos_token if bos_token else '<|begin_of_text|>' -}}
-{%- if system -%}{{- '<|start_header_id|>system<|end_header_id|>\n\n' + system + '<|eot_id|>' -}}{%- endif -%}
+    "chatml": r"""{%- if system -%}{{- '<|im_start|>system\n' + system + '<|im_end|>\n' -}}{%- endif -%}
 {%- for message in turns -%}
 {%- if message['role'] == 'user' -%}
-{{- '<|start_header_id|>user<|end_header_id|>\n\n' + himix_images(message) + himix_text(message) + '<|eot_id|>' -}}
-{%- if not loop.last or add_generation_prompt -%}
-{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
-{%- endif -%}
+{{- '<|im_start|>user\n' + himix_question(message) + '<|im_end|>\n' -}}
+{%- if loop.last and add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
 {%- else -%}
-{{- himix_text(message) + '<|eot_id|>' -}}
+{{- '<|im_start|>assistant\n' + himix_text(message) + '<|im_end|>\n' -}}
 {%- endif -%}
 {%- endfor -%}""",
-    "qwen2": r"""{%- if system -%}{{- '<|im_start|>system\n' + system + '<|im_end|>\n' -}}{%- endif -%}
-{%- for message in turns -%}
-{%- if message['role'] == 'user' -%}
-{{- '<|im_start|>user\n' + himix_images(message) + himix_text(message) + '<|im_end|>\n' -}}
-{%- if not loop.last or add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
-{%- else -%}
-{{- himix_text(message) + '<|im_end|>\n' -}}
-{%- endif -%}
-{%- endfor -%}""",
-    # LLaVA pretraining: <s> [image] caption "\n". The question is not part of the prompt (training ignores it).
-    "plain": r"""{%- if not bos_token -%}{{- raise_exception('the plain template needs a BOS token') -}}{%- endif -%}
-{%- if turns | length > 2 -%}{{- raise_exception('the plain template takes one question') -}}{%- endif -%}
-{{- bos_token -}}
-{%- for message in turns -%}
-{%- if message['role'] == 'user' -%}{{- himix_images(message) -}}
+    # Pretraining: "<image>{caption}\n" per round; the question is not part of the prompt (training ignores it).
+    "pretrain": r"""{%- for message in turns -%}
+{%- if message['role'] == 'user' -%}{{- '<image>' -}}
 {%- else -%}{{- himix_text(message) + '\n' -}}{%- endif -%}
 {%- endfor -%}""",
 }
 
 
-def chat_template(name: Optional[str]) -> str:
-    """The Jinja chat template equal to the conversation template `name` (None: DEFAULT_TEMPLATE)."""
-    from himix_megatron.data.templates import DEFAULT_SYSTEMS
+def chat_template(name: str, system: Optional[str]) -> str:
+    """The Jinja chat template equal to conversation template `name` with system prompt `system` (None: the
+    template's default)."""
+    from himix_megatron.data.templates import TemplateConfig
 
-    name = name or DEFAULT_TEMPLATE
-    if name not in _JINJA_BODIES or name not in DEFAULT_SYSTEMS:
+    if name not in _JINJA_BODIES:
         raise ConversionError(f"conversation template {name!r} has no chat-template equivalent; the HiMix export "
                               f"writes one for {sorted(_JINJA_BODIES)}")
-    system = DEFAULT_SYSTEMS[name]
-    return _JINJA_COMMON.replace("{SYSTEM}", json.dumps(system or "", ensure_ascii=False)) + _JINJA_BODIES[name] + "\n"
+    system = TemplateConfig(name, system=system).system_prompt
+    return _JINJA_COMMON.replace("{SYSTEM}", json.dumps(system, ensure_ascii=False)) + _JINJA_BODIES[name] + "\n"
 
 
 def load_tp1(load_dir: str):
@@ -304,8 +297,7 @@ def _export_himix(d, state, tower, vision_cfg, feature_layer, tmp, image_id, ids
                   vision_feature_layer=feature_layer, image_token_index=image_id, architectures=["HiMixForCausalLM"])
     config = HiMixConfig(**fields)
     config.auto_map = write_remote_code(tmp)
-    if d.template:
-        config.himix_template = d.template  # the conversation template the model was trained with
+    _record_prompt(config, d)
     return tensors, config
 
 
@@ -341,9 +333,16 @@ def _export_vanilla(d, state, tower, vision_cfg, feature_layer, tmp, image_id, i
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
                          multimodal_projector_bias=True, tie_word_embeddings=lm.tie_embeddings,
                          architectures=["LlavaForConditionalGeneration"], **ids)
-    if d.template:
-        config.himix_template = d.template  # read by himix-eval; transformers keeps unknown config keys
+    _record_prompt(config, d)
     return tensors, config
+
+
+def _record_prompt(config, d) -> None:
+    """The conversation template and exact system prompt of training, read by himix-eval (transformers keeps
+    unknown config keys)."""
+    if d.template:
+        config.himix_template = d.template
+        config.himix_system_prompt = _system_prompt(d)
 
 
 # The vanilla export's on-disk LLaVA names -> transformers 5's module names (the baselines' remote code).
@@ -407,10 +406,13 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
     if baselines:
         _check_baselines(baselines, arch, described.language.num_layers)
     if arch == "himix":
-        template = described.template or DEFAULT_TEMPLATE
-        jinja = chat_template(template)  # refuses, before anything is written, a template it cannot express
         if described.template is None:
-            log(f"warning: the checkpoint records no conversation template; the chat template is {template}'s")
+            raise ConversionError(f"{load}: the checkpoint records no conversation template, so the export cannot "
+                                  "write the chat template it was trained with; record it with "
+                                  "`himix-train --load ... --template NAME` (a checkpoint of an earlier release)")
+        template = described.template
+        # Refuses, before anything is written, a template it cannot express (or a retired name).
+        jinja = chat_template(template, _system_prompt(described, log))
     d, iter_dir, chunks, encoder, stored = load_tp1(load)
     state = {n: p.detach() for n, p in chunks[0].named_parameters()}
     vision_state = {n: p.detach() for n, p in encoder.named_parameters()}
@@ -424,7 +426,7 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
         ids = {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         if arch == "himix" and image_id is not None:
             # Before config.json: with its remote-code auto_map there, AutoTokenizer would ask to trust it.
-            _save_himix_processor(_image_processor(d.vision), tmp, iter_dir, template, jinja, log)
+            _save_himix_processor(_image_processor(d.vision), tmp, iter_dir, d, jinja, log)
         elif arch == "himix":
             log("warning: without a tokenizer the export has no HiMixProcessor and no chat template")
         build = _export_himix if arch == "himix" else _export_vanilla
@@ -474,7 +476,21 @@ PROCESSOR_CONFIG = {"processor_class": "HiMixProcessor",
 SAMPLE_QUESTIONS, SAMPLE_ANSWERS = ("What is in the image?", "Where is it?"), ("A red circle.",)
 
 
-def _save_himix_processor(image_processor, out: str, iter_dir: str, template: str, jinja: str, log) -> None:
+def _system_prompt(d, log=None) -> str:
+    """The system prompt training rendered: the recorded one, else (older checkpoints) the template's default."""
+    from himix_megatron.data.records import DataError
+    from himix_megatron.data.templates import TemplateConfig
+
+    if d.system_prompt is None and log is not None:
+        log(f"warning: the checkpoint records no system prompt (an earlier release); the export assumes the "
+            f"{d.template} template's default")
+    try:
+        return TemplateConfig(d.template, system=d.system_prompt).system_prompt
+    except DataError as e:
+        raise ConversionError(f"the checkpoint's himix.json: {e}") from None
+
+
+def _save_himix_processor(image_processor, out: str, iter_dir: str, d, jinja: str, log) -> None:
     """processor_config.json (AutoProcessor -> the remote-code HiMixProcessor) and chat_template.jinja, after
     checking that the template and the processor give the training prompt's ids (refused if they do not)."""
     from transformers import AutoTokenizer
@@ -483,7 +499,7 @@ def _save_himix_processor(image_processor, out: str, iter_dir: str, template: st
 
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     processor = HiMixProcessor(image_processor, tok, chat_template=jinja)
-    _check_prompts(processor, os.path.join(iter_dir, "tokenizer"), template, log)
+    _check_prompts(processor, os.path.join(iter_dir, "tokenizer"), d.template, _system_prompt(d), log)
     with open(os.path.join(out, "processor_config.json"), "w", encoding="utf-8") as f:
         json.dump(PROCESSOR_CONFIG, f, indent=2, sort_keys=True)
     # Ours replaces the LM's own template (copied with the tokenizer). The processor reads a legacy
@@ -495,9 +511,10 @@ def _save_himix_processor(image_processor, out: str, iter_dir: str, template: st
         os.remove(os.path.join(out, "chat_template.json"))
 
 
-def _check_prompts(processor, tokenizer_dir: str, template: str, log) -> None:
+def _check_prompts(processor, tokenizer_dir: str, template: str, system: str, log) -> None:
     """The chat template + processor give generation_prompt's ids (training's tokenizer) for a one-question
-    prompt with an image and a two-round one."""
+    prompt with an image and a two-round one: with no system message (the recorded prompt, what harnesses send),
+    and with a system message stating another prompt and an empty one."""
     from himix_megatron.data.records import DataError
     from himix_megatron.data.templates import TemplateConfig, generation_prompt
     from himix_megatron.data.tokenizer import load_tokenizer
@@ -508,10 +525,11 @@ def _check_prompts(processor, tokenizer_dir: str, template: str, log) -> None:
         log(f"warning: the training data pipeline cannot load the checkpoint's tokenizer ({e}); the chat "
             "template is written unchecked")
         return
-    cfg = TemplateConfig.for_arch(template, "himix")
-    for n in (1,) if template == "plain" else (1, 2):
+    systems = [None] if template == "pretrain" else [None, "Answer in one word.", ""]
+    for n, stated in itertools.product((1,) if template == "pretrain" else (1, 2), systems):
+        cfg = TemplateConfig.for_arch(template, "himix", system=system if stated is None else stated)
         questions, answers = SAMPLE_QUESTIONS[:n], SAMPLE_ANSWERS[:n - 1]
-        messages = []
+        messages = [] if stated is None else [{"role": "system", "content": stated}]
         for i, q in enumerate(questions):
             messages.append({"role": "user", "content": [{"type": "image"}] * (i == 0) + [{"type": "text", "text": q}]})
             if i < len(answers):
@@ -525,7 +543,7 @@ def _check_prompts(processor, tokenizer_dir: str, template: str, log) -> None:
         if text.count(IMAGE_TOKEN) != 1 or ids != expected:
             raise ConversionError(
                 f"the {template} chat template does not reproduce the training prompt with this tokenizer "
-                f"({n} round(s)): {text!r} gives {ids}, training {expected}")
+                f"({n} round(s), system message {stated!r}): {text!r} gives {ids}, training {expected}")
 
 
 def _save_llava_processor(image_processor, out: str, v) -> None:

@@ -58,13 +58,11 @@ class ImportPlan:
 def plan_import(hf_llm: str, hf_vision: str, arch: str, parallel: ParallelConfig,
                 template: Optional[str] = None, seed: int = 0) -> ImportPlan:
     """Read and check both HF directories against `arch` and `parallel`; raises naming what is wrong."""
-    from himix_megatron.data.templates import TEMPLATES
     from himix_megatron.model.vision import _vision_prefix, build_vision_config
 
     if arch not in ARCHS:
         raise ConfigError(f"arch={arch!r} is not one of {list(ARCHS)}")
-    if template is not None and template not in TEMPLATES:
-        raise ConfigError(f"template={template!r} is not one of {list(TEMPLATES)}")
+    template, system = recorded_prompt(template, "--template")
     lm = layout.language_from_hf(read_config(hf_llm), _name(hf_llm), os.path.join(hf_llm, "config.json"))
     vision = layout.vision_from_hf(read_config(hf_vision), _name(hf_vision), os.path.join(hf_vision, "config.json"))
     validate(lm, parallel, arch)
@@ -76,7 +74,22 @@ def plan_import(hf_llm: str, hf_vision: str, arch: str, parallel: ParallelConfig
     vision_tensors = HFTensors(hf_vision)
     prefix = _vision_prefix(vision_tensors, layout.TOWER_NAMES[vision.kind])
     check_tensors(vision_tensors, {prefix + k: s for k, s in layout.vision_hf_shapes(vision).items()}, "vision")
-    return ImportPlan(hf_llm, hf_vision, ModelDescription(arch, lm, vision, template), parallel, seed)
+    return ImportPlan(hf_llm, hf_vision, ModelDescription(arch, lm, vision, template, system_prompt=system),
+                      parallel, seed)
+
+
+def recorded_prompt(template: Optional[str], where: str) -> tuple[Optional[str], Optional[str]]:
+    """(template, system prompt) an imported checkpoint records: the template's default prompt, which training
+    keeps unless it states another."""
+    from himix_megatron.data.records import DataError
+    from himix_megatron.data.templates import TemplateConfig
+
+    if template is None:
+        return None, None
+    try:
+        return template, TemplateConfig(template).system_prompt
+    except DataError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _name(directory: str) -> str:

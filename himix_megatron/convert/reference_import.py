@@ -81,9 +81,11 @@ hidden_size // num_heads, an LM that `layout.language_from_hf` refuses (sliding 
 tensor we do not map (a connector, LoRA `lora_*` / `base_layer` names, a vision K/V bias on Llama), and an
 unmerged LoRA directory (`adapter_config.json`).
 
-Not carried by the checkpoint and so not checked: which attention implementation trained it (see Mask), the
-conversation template (`--conv_version`, pass `template`), and the image preprocessing
-(`--image_aspect_ratio`). The reference feeds text-only samples a grey image (modeling_tinyllava.py: 291-298);
+Not carried by the checkpoint and so not checked: which attention implementation trained it (see Mask), and the
+image preprocessing (`--image_aspect_ratio`). The conversation template (`--conv_version`) is not carried either:
+the import records the authors' template for the decoder family (`templates.paper_template`: tinyllama, llama-3,
+qwen2_base, told by the tokenizer's end token, else the config's model type) with its system prompt, unless
+`template` names another. The reference feeds text-only samples a grey image (modeling_tinyllava.py: 291-298);
 ours gives them no vision keys, which is a data-side difference, not a weight one.
 """
 
@@ -100,7 +102,7 @@ import torch
 from torch import Tensor
 
 from himix_megatron.checkpoint import ModelDescription
-from himix_megatron.config import ConfigError, LanguageModelConfig, ParallelConfig, validate
+from himix_megatron.config import LanguageModelConfig, ParallelConfig, validate
 from himix_megatron.convert import layout
 from himix_megatron.convert.hf_files import TOKENIZER_FILES, HFTensors, stage_tokenizer
 from himix_megatron.convert.layout import ConversionError
@@ -361,6 +363,14 @@ def _check_lm_tensors(view: ReferenceTensors, lm: LanguageModelConfig, vision_hi
             raise ConversionError(f"{view.file_of(name)}: tensor {view.reference_name(name)!r} has shape "
                                   f"{tuple(found)}; {config_where} implies {tuple(shape)}")
     allowed = set(expected) | ({"lm_head.weight"} if lm.tie_embeddings else set())
+    if lm.tie_embeddings and "lm_head.weight" in view and "model.embed_tokens.weight" in view:
+        # One of the two is dropped: only if they are the one shared matrix they should be.
+        embed, head = view["model.embed_tokens.weight"], view["lm_head.weight"]
+        if embed.shape != head.shape or not torch.equal(embed, head):
+            raise ConversionError(
+                f"{view.file_of('lm_head.weight')}: {config_where} ties the embeddings, but "
+                f"{view.reference_name('lm_head.weight')!r} differs from {view.reference_name('model.embed_tokens.weight')!r}; "
+                "refusing to drop one of them (untie them in the config if both were trained)")
     extra = sorted((n for n in view if n not in allowed), key=lambda n: (len(n), n))
     if extra:
         family = "Qwen2" if lm.qkv_bias else "Llama"
@@ -436,11 +446,10 @@ class ReferencePlan:
 
 def plan_reference(directory: str, parallel: ParallelConfig, template: Optional[str] = None) -> ReferencePlan:
     """Recognise and check a reference checkpoint against `parallel`; raises naming the file, field or tensor."""
-    from himix_megatron.data.templates import TEMPLATES
+    from himix_megatron.convert.hf_import import recorded_prompt
     from himix_megatron.model.vision import _vision_prefix, build_vision_config
 
-    if template is not None and template not in TEMPLATES:
-        raise ConfigError(f"template={template!r} is not one of {list(TEMPLATES)}")
+    recorded_prompt(template, "--template")  # a bad name is refused before any file is read
     ref = find_reference(directory)
     base = os.path.basename(ref.root)
     _check_text_math(ref, ref.lm_config)
@@ -468,7 +477,24 @@ def plan_reference(directory: str, parallel: ParallelConfig, template: Optional[
         warnings = (f"{ref.root} has no TinyLLaVA config.json (the reference writes one next to language_model/ "
                     "and vision_tower/): its vision_feature_layer and vision_feature_select_strategy are unknown; "
                     "assuming the recipes' -2 and 'patch', which is what our model computes",)
-    return ReferencePlan(ref, ModelDescription("himix", lm, vision, template), parallel, warnings)
+    template, system = recorded_prompt(template or _paper_template(ref), "--template")
+    return ReferencePlan(ref, ModelDescription("himix", lm, vision, template, system_prompt=system), parallel, warnings)
+
+
+def _paper_template(ref: ReferenceCheckpoint) -> str:
+    """The authors' template for the reference's decoder: from its tokenizer's end token, else its model type."""
+    from himix_megatron.data.records import DataError
+    from himix_megatron.data.templates import paper_template
+    from himix_megatron.data.tokenizer import load_tokenizer
+
+    if ref.tokenizer_dir is not None:
+        try:
+            return paper_template(load_tokenizer(ref.tokenizer_dir))
+        except DataError:
+            pass
+    if ref.lm_config.get("model_type") == "qwen2":
+        return "qwen2_base"
+    return "llama-3" if int(ref.lm_config.get("vocab_size", 0)) >= 128000 else "tinyllama"
 
 
 # --- fill a rank's model ----------------------------------------------------------------------------------

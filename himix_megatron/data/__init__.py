@@ -5,7 +5,7 @@
 - shards.py    shard format: atomic tar + sidecar writing, offset/CRC-verified reading
 - build.py     resumable, parallel shard building (CLI: tools/build_shards.py)
 - tokenizer.py sentencepiece / tokenizer.json behind one interface, local files only
-- templates.py plain, vicuna_v1, llama3, qwen2; exact label masks
+- templates.py the HiMix authors' templates (pretrain, tinyllama, llama-3, qwen2_base), token for token
 - image.py     the tower's own preprocessing (image_config_for): SigLIP (bicubic resize, mean = std = 0.5) or
                CLIP (shortest edge, centre crop, OpenAI mean / std); optional pad-to-square
 - sampler.py   the global sample order: epochs, blends, data-parallel split
@@ -29,7 +29,8 @@ from himix_megatron.data.templates import (
     TemplateConfig,
     encode_conversation,
     generation_prompt,
-    truncate,
+    check_tokenizer,
+    has_target,
 )
 from himix_megatron.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
@@ -37,6 +38,6 @@ __all__ = [
     "BuildConfig", "build_shards", "CollateConfig", "Sample", "collate", "ImageConfig", "preprocess",
     "DataLoaderAbort", "DatasetSpec", "LoaderConfig", "SampleEncoder", "ShardLoader", "Conversation",
     "DataError", "SampleError", "parse_conversation", "SampleOrder", "IGNORE_INDEX", "IMAGE_TOKEN_INDEX",
-    "TEMPLATES", "TemplateConfig", "encode_conversation", "generation_prompt", "truncate", "HFTokenizer",
-    "SentencePieceTokenizer", "Tokenizer", "load_tokenizer", "Stage", "load_recipe", "stage",
+    "TEMPLATES", "TemplateConfig", "encode_conversation", "generation_prompt", "has_target", "check_tokenizer",
+    "HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer", "Stage", "load_recipe", "stage",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from himix_megatron.data.loader import DatasetSpec
 from himix_megatron.data.records import DataError
-from himix_megatron.data.templates import TEMPLATES
+from himix_megatron.data.templates import check_template_name
 
 TRAINABLE = ("himix_vision", "lm_and_himix_vision")
 
@@ -46,8 +46,7 @@ def load_recipe(path: str) -> dict:
             if key not in st:
                 raise DataError(f"{where}: missing '{key}'")
         for t in _values(st["template"]):
-            if t not in TEMPLATES:
-                raise DataError(f"{where}: unknown template {t!r}")
+            check_template_name(t, f"{where}: template")
         if st["trainable"] not in TRAINABLE:
             raise DataError(f"{where}: trainable={st['trainable']!r}, expected one of {TRAINABLE}")
         for d in st["datasets"]:

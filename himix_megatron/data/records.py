@@ -32,24 +32,25 @@ class SampleError(DataError):
 
 @dataclass(frozen=True)
 class Conversation:
-    """User/assistant rounds with the image placeholder taken out of the text.
+    """User/assistant rounds, the `<image>` placeholder taken out of the text.
 
-    `has_image` says whether an image belongs in front of the first question; templates decide
-    whether to mark that spot (vanilla LLaVA) or leave it out (HiMix).
+    `image_rounds`: the rounds whose question held the placeholder (the question is then stripped, as the
+    reference strips it); templates render `<image>\n{question}` there. `has_image`: the sample has an image,
+    with or without a placeholder (HiMix attends it either way).
     """
 
-    rounds: tuple[tuple[str, str], ...]
-    system: Optional[str] = None
+    rounds: tuple[tuple[str, Optional[str]], ...]
     has_image: bool = False
+    image_rounds: tuple[int, ...] = ()
 
 
 def parse_conversation(turns: Any, *, has_image: bool) -> Conversation:
-    """Validate LLaVA `conversations` and return them as rounds.
+    """Validate LLaVA `conversations` and return them as rounds, keeping what the HiMix authors' code trains on.
 
-    Rules: an optional leading system turn, then user/assistant turns alternating, ending on an
-    assistant turn; no empty turn; at most one `<image>` placeholder, in a user turn, and only if the
-    sample has an image. The placeholder moves to the front of the first question (as LLaVA does);
-    a sample with an image but no placeholder gets it there too.
+    As the reference (`Template.get_list_from_message`): a first turn that is not from the user (a system
+    turn, empty or not) is dropped; a last question without an answer is dropped. Then user and assistant
+    turns must alternate, and no turn may be empty. `<image>` placeholders may stand in user turns only, and
+    only if the sample has an image.
     """
     if not isinstance(turns, (list, tuple)) or not turns:
         raise SampleError("malformed conversation", "'conversations' must be a non-empty list")
@@ -63,33 +64,27 @@ def parse_conversation(turns: Any, *, has_image: bool) -> Conversation:
         value = turn.get("value")
         if not isinstance(value, str):
             raise SampleError("malformed conversation", f"turn {i} 'value' is {type(value).__name__}, not a string")
-        if not value.strip():
-            raise SampleError("empty turn", f"turn {i} ({turn.get('from')}) is empty")
         roles.append(role)
         texts.append(value)
-
-    system = None
-    if roles[0] == "system":
-        system = texts[0].strip()
+    if roles[0] != "user":
         roles, texts = roles[1:], texts[1:]
+    if len(roles) % 2:
+        roles, texts = roles[:-1], texts[:-1]
     if not roles:
-        raise SampleError("malformed conversation", "only a system turn")
-    for i, role in enumerate(roles):
+        raise SampleError("malformed conversation", "no question with an answer")
+    for i, (role, text) in enumerate(zip(roles, texts)):
         want = "user" if i % 2 == 0 else "assistant"
         if role != want:
             raise SampleError("malformed conversation", f"turn {i} is from {role}, expected {want}")
-    if roles[-1] != "assistant":
-        raise SampleError("malformed conversation", "the last turn is from the user: nothing to learn")
+        if not text.strip():
+            raise SampleError("empty turn", f"turn {i} ({role}) is empty")
 
-    placeholders = [i for i, t in enumerate(texts) for _ in range(t.count(IMAGE_PLACEHOLDER))]
-    if placeholders and not has_image:
+    placed = [i for i, t in enumerate(texts) if IMAGE_PLACEHOLDER in t]
+    if placed and not has_image:
         raise SampleError("malformed conversation", "<image> placeholder but the sample has no image")
-    if len(placeholders) > 1:
-        raise SampleError("malformed conversation", f"{len(placeholders)} <image> placeholders for one image")
-    if placeholders and roles[placeholders[0]] != "user":
+    if any(roles[i] != "user" for i in placed):
         raise SampleError("malformed conversation", "<image> placeholder in an assistant turn")
-    if placeholders:
-        i = placeholders[0]
+    for i in placed:
         texts[i] = texts[i].replace(IMAGE_PLACEHOLDER, "").strip()
     rounds = tuple((texts[i], texts[i + 1]) for i in range(0, len(texts), 2))
-    return Conversation(rounds=rounds, system=system, has_image=has_image)
+    return Conversation(rounds=rounds, has_image=has_image, image_rounds=tuple(i // 2 for i in placed))

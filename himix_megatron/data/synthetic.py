@@ -152,15 +152,15 @@ def generate(cfg: SyntheticConfig, output: str, *, progress: bool = False) -> Sy
 
 
 def vocabulary_text() -> str:
-    """Every word the synthetic questions, answers and the vicuna_v1 template (without system prompt) use."""
+    """Every word the synthetic questions, answers and the tinyllama template (without system prompt) use."""
     return " ".join(list(QUESTIONS.values()) + [a for v in ANSWERS.values() for a in v] + ["USER:", "ASSISTANT:"])
 
 
 def write_word_tokenizer(directory: str) -> str:
     """A word-level `tokenizer.json` (+ tokenizer_config.json) covering the synthetic data, so that each
-    answer is one token. Use with template vicuna_v1 and system="" (the default system prompt has
-    words outside this vocabulary). Returns the tokenizer.json path."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    answer is one token. It adds BOS as LLaMA's tokenizer does. Use with template tinyllama and system=""
+    (the default system prompt has words outside this vocabulary). Returns the tokenizer.json path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     pre = pre_tokenizers.Whitespace()
@@ -169,6 +169,7 @@ def write_word_tokenizer(directory: str) -> str:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre
     tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "tokenizer.json")
     tok.save(path)

@@ -1,93 +1,118 @@
-"""Conversation templates: a `Conversation` becomes token ids plus a per-token "trained" flag.
+"""Conversation templates: a `Conversation` becomes token ids plus a per-token "trained" flag, token for token
+as the HiMix authors trained (Xuange923/HiMix at 417fac3, whose `tinyllava/data/template/` is TinyLLaVA
+Factory's).
 
-A template renders a list of parts (text, special token, image slot), each flagged trained or not;
-text parts are tokenized one by one and special tokens are placed by id. Cutting the text at the
-train/no-train boundaries means the label mask is exact by construction, with no offset
-arithmetic on a joined string. Cuts fall just before a space (vicuna, plain) or at newlines and
-special tokens (llama3, qwen2), where both sentencepiece (dummy prefix) and byte-level BPE
-(pre-tokenizer splits) produce the same tokens as for the joined string.
+As in the reference, a template renders the conversation into one prompt string; the string is cut at each
+"<image>", every piece is tokenized as `tokenizer(piece).input_ids` (`Tokenizer.encode_chunk`), the BOS of all
+pieces but the first is dropped, and the image id (-200) goes between pieces. Truncation to `max_tokens` then
+counts the image id, as the reference's `model_max_length` does. Last, HiMix drops the image ids (the text
+around them stays as it was tokenized: `USER: ▁ \\n What`, not `USER: ▁What`), as the reference model's
+`prepare_inputs_labels_for_img_text` does; vanilla LLaVA keeps the first.
 
-The same renderer builds inference prompts (`add_generation_prompt=True`), so training and generation
-see identical token sequences.
+Templates, by the authors' names:
+- `pretrain` (every model's pretraining): `<image>{caption}\\n` per round, no system prompt, the questions
+  unused; loss on everything after the first image. A multi-round sample is the rounds concatenated.
+- `tinyllama` (Vicuna-7B and TinyLlama), `llama-3` (Llama-3.2), `qwen2_base` (Qwen2): one Vicuna-style format,
+  `{system} USER: {q} ASSISTANT: {a}{end}` per round, `{end}` = `</s>`, `<|end_of_text|>`, `<|endoftext|>`.
+  The question that held the placeholder becomes `<image>\\n{q}`. Loss on each answer and its end token.
+Two more, for instruct-tuned decoders the paper did not train (choose them only to continue such a model's
+own chat format): `llama3_instruct` (Llama-3's header format) and `chatml` (Qwen2-instruct's).
 
-Templates:
-- `plain`: LLaVA pretraining. `<s>` [image] caption "\\n"; loss on the caption and the newline. The
-  question text is ignored (it is a random "describe the image" instruction in LLaVA-558k).
-- `vicuna_v1`: `<s>{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>`.
-- `llama3`: the Llama-3 instruct header format, loss on `{a}<|eot_id|>`.
-- `qwen2`: ChatML, loss on `{a}<|im_end|>` (the newline after it is context, not target).
+The system prompt is the reference's ("... a curious user ... the user's questions.") unless the run states
+another; "" leaves it out (with its separating space). A system turn in the data is ignored, as the
+reference ignores it. The training run records the prompt in its checkpoints, and exports and `himix-eval`
+use the recorded one.
 
-The image (if any) sits at the front of the first question. HiMix (and its ablation variants) drop
-it from the sequence; vanilla LLaVA gets one `image_token_index` there, which the model expands into
-the vision features.
+Where this differs from the reference, on purpose:
+- The reference finds the answers by splitting the rendered text at " ASSISTANT: " and the end token and
+  counting ids; an answer that contains either string trains nothing (its "tokenization mismatch" path masks
+  the whole sample). Here each answer's characters are known from rendering, and a token is trained when it
+  starts in an answer (or on the space before it, which the answer's first token carries), so such a sample
+  trains on its answers. Every other sample gets the reference's mask.
+- Vanilla LLaVA on a multi-round `pretrain` sample keeps one image id, where the reference leaves one per
+  round (and then fails for want of images); on a text-only `pretrain` sample it keeps none, where the
+  reference's template writes one for a zero image.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence
 
-from himix_megatron.data.records import Conversation, DataError, SampleError
+from himix_megatron.data.records import IMAGE_PLACEHOLDER, Conversation, DataError, SampleError
 from himix_megatron.data.tokenizer import Tokenizer
 
-TEMPLATES = ("plain", "vicuna_v1", "llama3", "qwen2")
 ImagePlacement = Literal["remove", "mark"]
 
 # Same value as LLaVA and megatron-core's LLaVAModel use for the image slot in input ids.
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 
-DEFAULT_SYSTEMS = {
-    "plain": None,
-    "vicuna_v1": (
-        "A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions."
-    ),
-    "llama3": (
+REFERENCE_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass(frozen=True)
+class _Format:
+    system: Optional[str]  # the default system prompt; None: the format has none
+    end: Optional[str]  # the token closing an answer, a special token of the tokenizer
+    paper: bool  # one of the authors' templates
+
+
+FORMATS = {
+    "pretrain": _Format(None, None, True),
+    "tinyllama": _Format(REFERENCE_SYSTEM, "</s>", True),
+    "llama-3": _Format(REFERENCE_SYSTEM, "<|end_of_text|>", True),
+    "qwen2_base": _Format(REFERENCE_SYSTEM, "<|endoftext|>", True),
+    "llama3_instruct": _Format(
         "You are a helpful language and vision assistant. You are able to understand the visual content "
-        "that the user provides, and assist the user with a variety of tasks using natural language."
-    ),
-    "qwen2": "You are a helpful assistant.",
+        "that the user provides, and assist the user with a variety of tasks using natural language.",
+        "<|eot_id|>", False),
+    "chatml": _Format("You are a helpful assistant.", "<|im_end|>", False),
 }
+TEMPLATES = tuple(FORMATS)
+DEFAULT_SYSTEMS = {name: f.system for name, f in FORMATS.items()}
+END_TOKENS = {name: f.end for name, f in FORMATS.items()}
+# Names of earlier releases; checkpoints that record them must state the template to use now.
+RETIRED = {"plain": "pretrain", "vicuna_v1": "tinyllama", "llama3": "llama3_instruct", "qwen2": "chatml"}
+
+
+def check_template_name(name: str, where: str) -> None:
+    if name in FORMATS:
+        return
+    if name in RETIRED:
+        raise DataError(f"{where}: template {name!r} was retired (it did not reproduce the authors' token ids); "
+                        f"use {RETIRED[name]!r}, stating the system prompt it was trained with if it was not "
+                        "the default")
+    raise DataError(f"{where}: unknown conversation template {name!r}; choose one of {list(TEMPLATES)}")
 
 
 @dataclass(frozen=True)
 class TemplateConfig:
-    name: str = "vicuna_v1"
+    name: str = "tinyllama"
     image: ImagePlacement = "remove"
-    # None: the sample's own system turn if it has one, else the template default. "" drops it.
+    # None: the template's default system prompt. "" leaves the system prompt out.
     system: Optional[str] = None
     image_token_index: int = IMAGE_TOKEN_INDEX
 
     def __post_init__(self):
-        if self.name not in TEMPLATES:
-            raise DataError(f"unknown conversation template {self.name!r}; choose one of {list(TEMPLATES)}")
+        check_template_name(self.name, "TemplateConfig.name")
         if self.image not in ("remove", "mark"):
             raise DataError(f"TemplateConfig.image={self.image!r} must be 'remove' or 'mark'")
+        if self.system is not None and FORMATS[self.name].system is None and self.system:
+            raise DataError(f"template {self.name} takes no system prompt; got {self.system!r}")
+
+    @property
+    def system_prompt(self) -> str:
+        """The system prompt this config renders ("" for none)."""
+        return (self.system if self.system is not None else FORMATS[self.name].system) or ""
 
     @classmethod
     def for_arch(cls, name: str, arch: str, **kwargs) -> "TemplateConfig":
         """Vanilla LLaVA keeps an image slot in the text; HiMix-style archs inject vision by attention."""
         return cls(name=name, image="mark" if arch == "vanilla" else "remove", **kwargs)
-
-
-@dataclass(frozen=True)
-class _Text:
-    text: str
-    train: bool = False
-
-
-@dataclass(frozen=True)
-class _Special:
-    token: Union[str, int]  # a token string looked up in the vocabulary, or an id
-    train: bool = False
-
-
-class _Image:
-    pass
-
-
-_Part = Union[_Text, _Special, _Image]
 
 
 @dataclass
@@ -101,151 +126,172 @@ class Encoded:
         return len(self.ids)
 
 
+def paper_template(tok: Tokenizer) -> str:
+    """The authors' template for a decoder, told by its tokenizer's end-of-text token: `</s>` (Vicuna,
+    TinyLlama) -> tinyllama, `<|end_of_text|>` (Llama-3.2) -> llama-3, `<|endoftext|>` (Qwen2) -> qwen2_base."""
+    found = [name for name in ("tinyllama", "llama-3", "qwen2_base") if _special_id(tok, FORMATS[name].end) is not None]
+    matching_eos = [name for name in found if _special_id(tok, FORMATS[name].end) == tok.eos_id]
+    if matching_eos or found:
+        return (matching_eos or found)[0]
+    raise DataError(f"tokenizer {tok.path} has none of the end tokens of the paper's templates (</s>, "
+                    "<|end_of_text|>, <|endoftext|>); choose a template with --template")
+
+
+def resolve_prompt(tok: Tokenizer, template: Optional[str], system: Optional[str], *,
+                   recorded_template: Optional[str] = None, recorded_system: Optional[str] = None,
+                   where: str = "the checkpoint") -> TemplateConfig:
+    """The template and system prompt of a run: the stated ones, else the recorded ones (the recorded prompt only
+    with its own template), else the paper's template for this tokenizer and its default prompt."""
+    if template is None and recorded_template is not None:
+        check_template_name(recorded_template, f"{where} (its recorded template; pass --template to choose)")
+    name = template or recorded_template or paper_template(tok)
+    if system is None and name == recorded_template:
+        system = recorded_system
+    cfg = TemplateConfig(name, system=system)
+    check_tokenizer(tok, cfg)
+    return cfg
+
+
+def _special_id(tok: Tokenizer, text: str) -> Optional[int]:
+    ids, _ = tok.encode_chunk(text)
+    if tok.bos_id is not None and ids[:1] == [tok.bos_id]:
+        ids = ids[1:]
+    return ids[0] if len(ids) == 1 else None
+
+
+def check_tokenizer(tok: Tokenizer, cfg: TemplateConfig) -> None:
+    """Refuse a tokenizer the template cannot serve, naming the token it lacks."""
+    end = FORMATS[cfg.name].end
+    if end is not None and _special_id(tok, end) is None:
+        raise DataError(f"template {cfg.name} ends each answer with the special token {end!r}, which tokenizer "
+                        f"{tok.path} does not have; choose the template of this model family (--template "
+                        f"{paper_template(tok)!r} is the paper's for it)")
+
+
 def encode_conversation(
-    conv: Conversation, tok: Tokenizer, cfg: TemplateConfig, *, add_generation_prompt: bool = False
+    conv: Conversation, tok: Tokenizer, cfg: TemplateConfig, *, add_generation_prompt: bool = False,
+    max_tokens: Optional[int] = None,
 ) -> Encoded:
-    """Render and tokenize. With `add_generation_prompt`, the last round's answer is left out and the
-    sequence ends where the assistant starts to speak."""
-    parts = _render(conv, cfg, tok, add_generation_prompt)
-    ids: list[int] = []
-    targets: list[bool] = []
-    pending: Optional[_Text] = None
-
-    def flush():
-        nonlocal pending
-        if pending is not None:
-            new = tok.encode(pending.text)
-            ids.extend(new)
-            targets.extend([pending.train] * len(new))
-            pending = None
-
-    for part in parts:
-        if isinstance(part, _Text):
-            # Neighbouring text with the same flag is tokenized as one string, as it would be joined.
-            if pending is not None and pending.train == part.train:
-                pending = _Text(pending.text + part.text, part.train)
-            else:
-                flush()
-                pending = part
-            continue
-        flush()
-        if isinstance(part, _Special):
-            token = part.token if isinstance(part.token, int) else tok.token_id(part.token)
-            ids.append(token)
-            targets.append(part.train)
-        else:
-            ids.append(cfg.image_token_index)
-            targets.append(False)
-    flush()
-    return Encoded(ids, targets)
-
-
-def truncate(enc: Encoded, max_len: int) -> Optional[Encoded]:
-    """Cut to `max_len` tokens; None if no trained token is left to predict (the sample is dropped).
-
-    The first token is only ever an input, so a valid sample needs a trained token at position >= 1.
-    """
-    if len(enc) > max_len:
-        enc = Encoded(enc.ids[:max_len], enc.targets[:max_len])
-    if not any(enc.targets[1:]):
-        return None
-    return enc
-
-
-def _render(conv: Conversation, cfg: TemplateConfig, tok: Tokenizer, gen: bool) -> list[_Part]:
+    """Render and tokenize; keep the first `max_tokens` (image ids counted). With `add_generation_prompt`, the
+    last round's answer is left out and the sequence ends where the assistant starts to speak."""
     rounds = list(conv.rounds)
-    if gen:
+    if add_generation_prompt:
         if not rounds:
             raise DataError("a generation prompt needs at least one question")
+        rounds[-1] = (rounds[-1][0], None)
     elif not rounds or any(a is None for _, a in rounds):
         raise SampleError("malformed conversation", "every round needs an answer for training")
-    system = cfg.system if cfg.system is not None else conv.system
-    if system is None:
-        system = DEFAULT_SYSTEMS[cfg.name]
-    mark = conv.has_image and cfg.image == "mark"
-    return _RENDERERS[cfg.name](rounds, system or "", mark, tok, gen)
+    image_rounds = conv.image_rounds
+    if not image_rounds and conv.has_image and cfg.image == "mark":
+        image_rounds = (0,)  # vanilla needs a slot: in front of the first question, as LLaVA puts it
+    prompt, answers = _render(cfg, rounds, image_rounds)
+    ids, targets = _tokenize(prompt, answers, tok, cfg.image_token_index)
+    if max_tokens is not None:
+        ids, targets = ids[:max_tokens], targets[:max_tokens]
+    keep = [i for i, t in enumerate(ids) if t != cfg.image_token_index]
+    if cfg.image == "mark" and conv.has_image and len(keep) < len(ids):
+        first = ids.index(cfg.image_token_index)
+        keep = sorted(keep + [first])
+    return Encoded([ids[i] for i in keep], [targets[i] for i in keep])
 
 
-def _need(tok: Tokenizer, which: str, template: str) -> int:
-    value = getattr(tok, f"{which}_id")
-    if value is None:
-        raise DataError(f"template {template} needs a {which.upper()} token; {tok.path} defines none")
-    return value
+def has_target(enc: Encoded) -> bool:
+    """The first token is only ever an input, so a trainable sample has a trained token at position >= 1."""
+    return any(enc.targets[1:])
 
 
-def _plain(rounds, system, mark, tok, gen) -> list[_Part]:
-    if len(rounds) != 1:
-        raise SampleError("malformed conversation", f"plain template takes one round, got {len(rounds)}")
-    parts: list[_Part] = [_Special(_need(tok, "bos", "plain"))]
-    if mark:
-        parts.append(_Image())
-    if not gen:
-        parts.append(_Text(rounds[0][1] + "\n", train=True))
-    return parts
+def _render(cfg: TemplateConfig, rounds: list, image_rounds: tuple) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt string and the [start, end) character span of each answer (with its end token)."""
+    fmt = FORMATS[cfg.name]
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    at = 0
 
+    def put(text: str, answer: bool = False) -> None:
+        nonlocal at
+        if answer:  # the space before an answer is carried by its first token ("▁Yes", " Yes")
+            spans.append((at - 1 if out and out[-1].endswith(" ") else at, at + len(text)))
+        out.append(text)
+        at += len(text)
 
-def _vicuna_v1(rounds, system, mark, tok, gen) -> list[_Part]:
-    parts: list[_Part] = [_Special(_need(tok, "bos", "vicuna_v1"))]
-    eos = _need(tok, "eos", "vicuna_v1")
+    if cfg.name == "pretrain":
+        for _, a in rounds:
+            put(IMAGE_PLACEHOLDER)
+            if a is None:
+                break
+            put(a + "\n", answer=True)
+        return "".join(out), spans
+
+    system = cfg.system_prompt
+    chat = _CHAT[cfg.name]
+    put(chat.system(system) if system else chat.first)
     for i, (q, a) in enumerate(rounds):
-        head = (f"{system} USER:" if system else "USER:") if i == 0 else "USER:"
-        if i == 0 and mark:
-            parts += [_Text(head), _Image(), _Text(("\n" + q if q else "") + " ASSISTANT:")]
-        else:
-            parts.append(_Text(head + (" " + q if q else "") + " ASSISTANT:"))
+        if i in image_rounds:
+            q = f"{IMAGE_PLACEHOLDER}\n{q}".strip()
+        put(chat.user(q))
         if a is None:
+            put(chat.generation)
             break
-        parts += [_Text(" " + a, train=True), _Special(eos, train=True)]
-    return parts
+        put(chat.assistant)
+        put(a + fmt.end, answer=True)
+        put(chat.after_answer)
+    return "".join(out), spans
 
 
-def _llama3(rounds, system, mark, tok, gen) -> list[_Part]:
-    start, end, eot = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
-    bos = tok.bos_id if tok.bos_id is not None else "<|begin_of_text|>"
-    parts: list[_Part] = [_Special(bos)]
-    if system:
-        parts += [_Special(start), _Text("system"), _Special(end), _Text("\n\n" + system), _Special(eot)]
-    for i, (q, a) in enumerate(rounds):
-        parts += [_Special(start), _Text("user"), _Special(end)]
-        if i == 0 and mark:
-            parts += [_Text("\n\n"), _Image(), _Text("\n" + q)]
+@dataclass(frozen=True)
+class _Chat:
+    system: callable  # system prompt -> its text
+    user: callable  # question -> the user turn, up to the assistant's header
+    assistant: str  # the assistant's header before an answer
+    generation: str  # ... and where a generation prompt ends
+    first: str = ""  # what starts a conversation without a system prompt
+    after_answer: str = ""
+
+
+_VICUNA = _Chat(lambda s: s + " ", lambda q: f"USER: {q} ", "ASSISTANT: ", "ASSISTANT:")
+_CHAT = {
+    "tinyllama": _VICUNA,
+    "llama-3": _VICUNA,
+    "qwen2_base": _VICUNA,
+    "llama3_instruct": _Chat(
+        lambda s: f"<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|>",
+        lambda q: f"<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "chatml": _Chat(
+        lambda s: f"<|im_start|>system\n{s}<|im_end|>\n",
+        lambda q: f"<|im_start|>user\n{q}<|im_end|>\n",
+        "<|im_start|>assistant\n", "<|im_start|>assistant\n", after_answer="\n"),
+}
+
+
+def _tokenize(prompt: str, answers: list[tuple[int, int]], tok: Tokenizer, image_id: int):
+    ids: list[int] = []
+    targets: list[bool] = []
+    strip_bos = False
+    at = 0
+    for k, chunk in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
+        chunk_ids, starts = tok.encode_chunk(chunk)
+        if k == 0:
+            strip_bos = bool(chunk_ids) and tok.bos_id is not None and chunk_ids[0] == tok.bos_id
         else:
-            parts.append(_Text("\n\n" + q))
-        parts += [_Special(eot), _Special(start), _Text("assistant"), _Special(end), _Text("\n\n")]
-        if a is None:
-            break
-        parts += [_Text(a, train=True), _Special(eot, train=True)]
-    return parts
-
-
-def _qwen2(rounds, system, mark, tok, gen) -> list[_Part]:
-    start, end = "<|im_start|>", "<|im_end|>"
-    parts: list[_Part] = []
-    if system:
-        parts += [_Special(start), _Text("system\n" + system), _Special(end), _Text("\n")]
-    for i, (q, a) in enumerate(rounds):
-        parts.append(_Special(start))
-        if i == 0 and mark:
-            parts += [_Text("user\n"), _Image(), _Text("\n" + q)]
-        else:
-            parts.append(_Text("user\n" + q))
-        parts += [_Special(end), _Text("\n"), _Special(start), _Text("assistant\n")]
-        if a is None:
-            break
-        parts += [_Text(a, train=True), _Special(end, train=True), _Text("\n")]
-    return parts
-
-
-_RENDERERS = {"plain": _plain, "vicuna_v1": _vicuna_v1, "llama3": _llama3, "qwen2": _qwen2}
+            ids.append(image_id)
+            targets.append(False)
+            if strip_bos:  # the reference drops the first id of every later piece: its BOS
+                chunk_ids, starts = chunk_ids[1:], starts[1:]
+        ids.extend(chunk_ids)
+        targets.extend(s >= 0 and any(a <= at + s < b for a, b in answers) for s in starts)
+        at += len(chunk) + len(IMAGE_PLACEHOLDER)
+    return ids, targets
 
 
 def generation_prompt(
     questions: Sequence[str], answers: Sequence[str], tok: Tokenizer, cfg: TemplateConfig, *,
-    has_image: bool, system: Optional[str] = None,
+    has_image: bool,
 ) -> list[int]:
-    """Token ids for asking `questions[-1]` after the earlier (question, answer) rounds."""
+    """Token ids for asking `questions[-1]` after the earlier (question, answer) rounds; the image (if any)
+    goes in front of the first question, as evaluation prompts put it."""
     if len(answers) != len(questions) - 1:
         raise DataError("generation_prompt needs exactly one answer per earlier question")
     rounds = tuple(zip(questions, list(answers) + [None]))
-    conv = Conversation(rounds=rounds, system=system, has_image=has_image)
+    conv = Conversation(rounds=rounds, has_image=has_image, image_rounds=(0,) if has_image else ())
     return encode_conversation(conv, tok, cfg, add_generation_prompt=True).ids

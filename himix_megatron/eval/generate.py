@@ -27,11 +27,9 @@ from typing import Callable, Optional
 import torch
 
 from himix_megatron.data.image import ImageConfig, image_config_for
-from himix_megatron.data.templates import TemplateConfig
+from himix_megatron.data.records import DataError
+from himix_megatron.data.templates import END_TOKENS, TemplateConfig, resolve_prompt
 from himix_megatron.eval.prompts import EvalError, Question, load_image, prompt_ids
-
-# The token each template ends an answer with (vicuna_v1 and plain: the tokenizer's EOS).
-END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2": "<|im_end|>"}
 
 
 @dataclass
@@ -93,20 +91,32 @@ def load_model(directory: str, *, template: Optional[str], system_prompt: Option
     else:
         raise EvalError(f"{directory}/config.json: model_type {config.model_type!r} is neither a HiMix export "
                         "('himix') nor a vanilla LLaVA export ('llava', 'llava_baselines')")
-    name = template or getattr(config, "himix_template", None)
-    if name is None:
+    recorded = getattr(config, "himix_template", None)
+    if template is None and recorded is None:
         raise EvalError(f"{directory}: the export records no conversation template; pass --template "
                         "(the one the model was trained with)")
+    recorded_system = getattr(config, "himix_system_prompt", None)
+    if recorded is not None and recorded_system is None and system_prompt is None and (template or recorded) == recorded:
+        log(f"warning: {directory}/config.json records no system prompt (an export of an older checkpoint): "
+            "prompting with the template's default; pass --system-prompt if the model was trained with another")
     tokenizer = load_tokenizer(directory)
-    stop = [tokenizer.token_id(END_OF_TURN[name])] if name in END_OF_TURN else []
+    try:
+        prompt = resolve_prompt(tokenizer, template, system_prompt, recorded_template=recorded,
+                                recorded_system=recorded_system, where=f"{directory}/config.json")
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    name = prompt.name
+    end = END_TOKENS[name]
+    stop = [tokenizer.token_id(end)] if end is not None else []
     if tokenizer.eos_id is not None:
         stop.append(tokenizer.eos_id)
     if not stop:
         raise EvalError(f"{directory}: the tokenizer has no EOS token and template {name} no end-of-turn token: "
                         "generation could not stop")
-    log(f"model {directory}: arch {arch}, template {name}, {dtype}".replace("torch.", ""))
+    log(f"model {directory}: arch {arch}, template {name}, system prompt {prompt.system_prompt!r}, {dtype}"
+        .replace("torch.", ""))
     return Model(model.to(device).eval(), arch, tokenizer,
-                 TemplateConfig(name, image="remove", system=system_prompt, image_token_index=image_id),
+                 TemplateConfig(name, image="remove", system=prompt.system_prompt, image_token_index=image_id),
                  _image_config(vision, directory, aspect_ratio),
                  getattr(config, "image_seq_length", 0), sorted(set(stop)), device)
 
@@ -146,7 +156,7 @@ def answer_batch(m: Model, questions: list[Question], image_folder: Optional[str
     for row in out[:, width:].tolist():
         cut = next((i for i, t in enumerate(row) if t in m.stop_ids), len(row))
         text = m.tokenizer.decode(row[:cut]).strip()
-        answers.append(text.split("\n")[0].strip() if m.template.name == "plain" else text)
+        answers.append(text.split("\n")[0].strip() if m.template.name == "pretrain" else text)
     return answers
 
 

@@ -11,19 +11,16 @@ drops them, so `input_ids` are exactly the text tokens the model was trained on 
 `input_ids` followed by the new tokens (callers that cut the prompt off by its length, as eval harnesses do, get
 the answer).
 
-Text is encoded as training encodes it (himix_megatron.data.templates): special tokens placed by id, and the text
-between two of them encoded on its own. Sentencepiece tokenizers (LLaMA, Vicuna) loaded with `legacy=False`
-encode the text after a special token differently in one string than on its own, so the processor splits at
-special and added tokens instead of handing the whole string to the tokenizer.
+Text is encoded as training encodes it (himix_megatron.data.templates, which reproduces the HiMix authors' code):
+the prompt cut at each `<image>`, each piece tokenized by the tokenizer as it stands (its BOS, its `legacy`
+handling of text after special tokens), the BOS of every piece but the first dropped, the placeholders dropped.
+The chat template writes no BOS: tokenizing the first piece adds it, as it did in training.
 
-`__call__` takes the text the chat template rendered, which already holds every special token (BOS included): it
-adds none unless asked (`add_special_tokens=True` puts BOS in front). Batches are padded on the left by default
-(decoder-only generation), with the tokenizer's pad token, else its EOS, else id 0; `attention_mask` hides them.
+Batches are padded on the left by default (decoder-only generation), with the tokenizer's pad token, else its
+EOS, else id 0; `attention_mask` hides them.
 """
 
 from __future__ import annotations
-
-import re
 
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import load_image
@@ -55,44 +52,27 @@ class HiMixProcessor(ProcessorMixin):
         self.image_token = image_token
         self.padding_side = padding_side
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
-        self._splitter = (None, None, {})
 
     # --- text ---------------------------------------------------------------------------------------------------
 
-    def _special_tokens(self) -> dict:
-        """{token string: id}: the tokenizer's added and special tokens, the image placeholder excluded."""
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one prompt as training made them (the HiMix authors' tokenization): the text cut at each
+        `<image>`, every piece tokenized as `tokenizer(piece)` with the BOS of all but the first dropped, the
+        image placeholders left out. The chat template writes no BOS, so `add_special_tokens` changes nothing
+        unless the text already starts with the BOS string (then it is not added twice)."""
         tok = self.tokenizer
-        tokens = {str(added): int(idx) for idx, added in getattr(tok, "added_tokens_decoder", {}).items()}
-        for token in getattr(tok, "all_special_tokens", []):
-            idx = tok.convert_tokens_to_ids(token)
-            if token not in tokens and isinstance(idx, int) and (idx != tok.unk_token_id or token == tok.unk_token):
-                tokens[token] = idx
-        tokens.pop(self.image_token, None)
-        return {t: i for t, i in tokens.items() if t}
-
-    def _split(self, text: str) -> list:
-        """[(piece, id of the special token it is, or None)] in order."""
-        key, regex, specials = self._splitter
-        if key != len(self.tokenizer):  # tokens were added since
-            specials = self._special_tokens()
-            pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
-            regex = re.compile(f"({pattern})") if pattern else None
-            self._splitter = (len(self.tokenizer), regex, specials)
-        pieces = regex.split(text) if regex is not None else [text]
-        return [(p, specials[p] if i % 2 else None) for i, p in enumerate(pieces) if p]
-
-    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of one text, `<image>` placeholders removed: special tokens by id, the text between two of
-        them encoded on its own (as training's templates do)."""
-        ids = []
-        for piece, special in self._split(text.replace(self.image_token, "")):
-            if special is not None:
-                ids.append(special)
-            else:
-                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
-        bos = self.tokenizer.bos_token_id
-        if add_special_tokens and bos is not None and ids[:1] != [bos]:
-            ids.insert(0, bos)
+        bos = tok.bos_token
+        if bos and text.startswith(bos):
+            text = text[len(bos):]
+        ids: list = []
+        strip_bos = False
+        for k, piece in enumerate(text.split(self.image_token)):
+            piece_ids = list(tok(piece, add_special_tokens=True)["input_ids"])
+            if k == 0:
+                strip_bos = bool(piece_ids) and piece_ids[0] == tok.bos_token_id
+            elif strip_bos:
+                piece_ids = piece_ids[1:]
+            ids.extend(piece_ids)
         return ids
 
     def _pad_id(self) -> int:

@@ -216,14 +216,15 @@ def system_prefix_lengths(input_ids: Tensor, prefix: Optional[Sequence[int]]) ->
 
 
 def system_header_ids(tokenizer, template: str, system: Optional[str] = None) -> tuple[int, ...]:
-    """The token ids before the first question's text: `<s>{system} USER:` for vicuna_v1, the system turn and
-    user header for llama3 / qwen2, `<s>` for plain. Rendered as the LLaVA template renders an image sample
-    (the image slot sits right after them), so the cut is the template's own."""
+    """The token ids before the image slot of the first question: `<s>{system} USER: ` for the Vicuna-style
+    templates, the system turn and user header for llama3_instruct / chatml, `<s>` for pretrain. Rendered as
+    the template renders an image sample, so the cut is the template's own."""
     from himix_megatron.data.records import Conversation
     from himix_megatron.data.templates import TemplateConfig, encode_conversation
 
     cfg = TemplateConfig(template, image="mark", system=system)
-    ids = encode_conversation(Conversation(rounds=(("question", "answer"),), has_image=True), tokenizer, cfg).ids
+    sample = Conversation(rounds=(("question", "answer"),), has_image=True, image_rounds=(0,))
+    ids = encode_conversation(sample, tokenizer, cfg).ids
     return tuple(ids[: ids.index(cfg.image_token_index)])
 
 

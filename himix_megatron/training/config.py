@@ -65,7 +65,9 @@ class TrainConfig:
     # --- batch
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = field(default=None, metadata={"help": "default: micro batch x DP"})
-    seq_length: int = field(default=2048, metadata={"help": "max text tokens per sample"})
+    seq_length: int = field(default=2048, metadata={
+        "help": "tokens a sample keeps, the image placeholder counted as one token, as the authors' "
+                "--model_max_length counts it (the decoder then sees at most seq-length - 1 text positions of it)"})
     # --- packing (Megatron-LM's multimodal flag names); without it, micro-batches are padded to their longest
     packing_seq_length: Optional[int] = field(default=None, metadata={
         "help": "pack samples into rows of this many text tokens, each sample with its own image; needs "
@@ -115,8 +117,13 @@ class TrainConfig:
     valid_data_path: list = field(default_factory=list)
     tokenizer_model: Optional[str] = field(default=None, metadata={
         "help": "tokenizer.model, tokenizer.json or a directory with one (default: the checkpoint's)"})
-    template: Optional[str] = field(default=None, metadata={"help": "conversation template (default: vicuna_v1)"})
-    system_prompt: Optional[str] = field(default=None, metadata={"help": "override the template's system prompt"})
+    template: Optional[str] = field(default=None, metadata={
+        "help": "conversation template: pretrain, tinyllama (Vicuna, TinyLlama), llama-3 (Llama-3.2), qwen2_base "
+                "(Qwen2), as the HiMix authors name them; or llama3_instruct / chatml to keep an instruct model's "
+                "own format (default: the checkpoint's, else the paper's template for the tokenizer)"})
+    system_prompt: Optional[str] = field(default=None, metadata={
+        "help": "the system prompt ('' for none; default: the checkpoint's if it used this template, else the "
+                "template's, the authors' 'A chat between a curious user ...'); recorded in every checkpoint"})
     num_workers: int = 2
     image_aspect_ratio: str = field(default="resize", metadata={"choices": ("resize", "pad"), "help":
         "pad: centre each image on a square filled with the encoder's mean colour before resizing (LLaVA-1.5's "

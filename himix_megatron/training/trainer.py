@@ -9,6 +9,7 @@ update, logged and counted); `--max-bad-steps` consecutive ones save a checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -40,6 +41,7 @@ from himix_megatron.checkpoint import (
     start_checkpoint_helpers,
 )
 from himix_megatron.config import ConfigError, ParallelConfig, language_model_preset, vision_model_preset
+from himix_megatron.data.templates import resolve_prompt
 from himix_megatron.parallel.pipeline import forward_backward
 from himix_megatron.training import data as training_data
 from himix_megatron.training.config import (
@@ -157,11 +159,15 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.seq_length > positions:
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the model's {positions} positions "
                           f"({description.language.name}): a sample (a packed segment) could not be encoded")
-    template = cfg.template or description.template or "vicuna_v1"
     tokenizer_dir = cfg.tokenizer_model or (checkpoint_tokenizer_dir(checkpoint) if checkpoint else None)
     if tokenizer_dir is None:
         raise ConfigError("--tokenizer-model is required (the checkpoint has no tokenizer files)")
     tokenizer = training_data.load_tokenizer_checked(tokenizer_dir, description.language)
+    prompt = resolve_prompt(tokenizer, cfg.template, cfg.system_prompt, recorded_template=description.template,
+                            recorded_system=description.system_prompt, where=checkpoint or "--load")
+    # From here on cfg states the exact prompt, and every checkpoint records it.
+    template, cfg = prompt.name, dataclasses.replace(cfg, template=prompt.name, system_prompt=prompt.system_prompt)
+    description = dataclasses.replace(description, template=template, system_prompt=prompt.system_prompt)
 
     overrides = dict(calculate_per_token_loss=True)
     recorded = read_metadata(checkpoint)["train_state"].get("gamma_mod") if checkpoint is not None else None

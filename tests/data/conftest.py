@@ -93,7 +93,7 @@ def loader_config(paths, **kw):
     from himix_megatron.data import DatasetSpec, ImageConfig, LoaderConfig, TemplateConfig
 
     specs = tuple(p if not isinstance(p, str) else DatasetSpec.of(p) for p in (paths if isinstance(paths, list) else [paths]))
-    base = dict(datasets=specs, micro_batch_size=4, seq_length=64, template=TemplateConfig("vicuna_v1", system=""),
+    base = dict(datasets=specs, micro_batch_size=4, seq_length=64, template=TemplateConfig("tinyllama", system=""),
                 image=ImageConfig(size=16), num_workers=0, seed=7)
     base.update(kw)
     return LoaderConfig(**base)

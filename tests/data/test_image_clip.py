@@ -102,10 +102,10 @@ def test_training_loader_preprocesses_for_its_encoder(tmp_path):
     from himix_megatron.training.config import TrainConfig
 
     cfg = TrainConfig(data_path=[str(tmp_path)], tokenizer_model=str(tmp_path), train_iters=1, micro_batch_size=1)
-    assert training_data.loader_config(cfg, "vicuna_v1", CLIP).image == image_config_for(CLIP)
-    assert training_data.loader_config(cfg, "vicuna_v1", SIGLIP).image == ImageConfig(size=56)
+    assert training_data.loader_config(cfg, "tinyllama", CLIP).image == image_config_for(CLIP)
+    assert training_data.loader_config(cfg, "tinyllama", SIGLIP).image == ImageConfig(size=56)
     padded = dataclasses.replace(cfg, image_aspect_ratio="pad")
-    assert training_data.loader_config(padded, "vicuna_v1", CLIP).image == image_config_for(CLIP, aspect_ratio="pad")
+    assert training_data.loader_config(padded, "tinyllama", CLIP).image == image_config_for(CLIP, aspect_ratio="pad")
 
 
 def test_cached_feature_sets_tell_clip_and_siglip_preprocessing_apart():

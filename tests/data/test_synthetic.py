@@ -72,7 +72,7 @@ def test_synthetic_trains_with_one_token_answers(tmp_path):
     from himix_megatron.data import DatasetSpec, LoaderConfig
 
     cfg = LoaderConfig(datasets=(DatasetSpec.of(out),), micro_batch_size=8, seq_length=24,
-                       template=TemplateConfig("vicuna_v1", system=""), image=ImageConfig(size=32), num_workers=0)
+                       template=TemplateConfig("tinyllama", system=""), image=ImageConfig(size=32), num_workers=0)
     batch = next(iter(ShardLoader(cfg, tok)))
     # Trained targets: the answer word and </s>; the answer sits where the label mask starts.
     assert (batch["loss_mask"].sum(1) == 2).all()
