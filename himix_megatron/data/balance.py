@@ -39,17 +39,22 @@ def round_robin(count: int, world: int) -> list[list[int]]:
     return [list(range(r, count, world)) for r in range(world)]
 
 
-def assign(costs: Sequence[float], world: int) -> list[list[int]]:
-    """Indices of `costs` per rank, each list in ascending (stream) order; see the module docstring."""
+def assign(costs: Sequence[float], world: int, equal_counts: bool = False) -> list[list[int]]:
+    """Indices of `costs` per rank, each list in ascending (stream) order; see the module docstring.
+
+    `equal_counts`: no rank takes more than ceil(len / world) samples (what a schedule of a fixed number of
+    fixed-size micro-batches per rank needs); the greedy choice is then among the ranks not yet full."""
     if world < 1:
         raise ValueError(f"assign: world={world} must be >= 1")
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    cap = -(-len(costs) // world) if equal_counts else len(costs)
     heap = [(0.0, r) for r in range(world)]  # (load, rank): ties go to the lowest rank
     shares: list[list[int]] = [[] for _ in range(world)]
     for i in order:
         load, r = heapq.heappop(heap)
         shares[r].append(i)
-        heapq.heappush(heap, (load + float(costs[i]), r))
+        if len(shares[r]) < cap:
+            heapq.heappush(heap, (load + float(costs[i]), r))
     return [sorted(s) for s in shares]
 
 

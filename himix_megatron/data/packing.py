@@ -44,6 +44,8 @@ class PackingConfig:
     max_images: Optional[int] = None  # images per row; None: no cap
     vision_tokens: int = 0  # N, vision tokens per image (the key layout needs it)
     row_multiple: int = ROW_MULTIPLE  # rows are padded to a multiple of this
+    # Pipeline parallelism pads a step's rows to its longest (training/data.py): plan rows of similar length.
+    even_rows: bool = False
 
     def __post_init__(self):
         for name in ("seq_length", "buffer_size", "max_images"):
@@ -132,10 +134,34 @@ def segment_params(text_lengths: Sequence[int], has_image: Sequence[bool], visio
     )
 
 
+def _first_fit(chunk: Sequence[int], lengths: Sequence[int], has_image: Sequence[bool], capacity: int, cap: int,
+               rows: int = 0) -> list[list[int]]:
+    """Samples by decreasing length (ties: stream order), each into the first of the open rows where it fits,
+    else a new row. With `rows` > 0, that many rows start open and each sample goes to the *emptiest* row
+    where it fits instead (longest-processing-time): rows of similar length."""
+    free, images, members = [capacity] * rows, [0] * rows, [[] for _ in range(rows)]
+    for i in sorted(chunk, key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(free)) if lengths[i] <= free[r] and images[r] + has_image[i] <= cap]
+        if fits:
+            r = max(fits, key=lambda r: (free[r], -r)) if rows else fits[0]
+        else:
+            r = len(free)
+            free.append(capacity)
+            images.append(0)
+            members.append([])
+        free[r] -= lengths[i]
+        images[r] += bool(has_image[i])
+        members[r].append(i)
+    return [sorted(m) for m in members if m]
+
+
 def plan_rows(lengths: Sequence[int], has_image: Sequence[bool], cfg: PackingConfig) -> list[list[int]]:
     """Sample indices per row: first-fit decreasing within each buffer of consecutive samples.
 
-    Deterministic (ties keep stream order); samples keep their stream order inside a row.
+    With `cfg.even_rows` (pipeline parallelism, where every row of a step is padded to the longest), the
+    buffer's samples are spread instead over as many rows as first-fit needs, each to the emptiest row where it
+    fits, so rows come out of similar length; the plan that makes the step's padded size (rows x longest row)
+    smaller is kept. Deterministic (ties keep stream order); samples keep their stream order inside a row.
     """
     if len(lengths) != len(has_image):
         raise ValueError("plan_rows: lengths and has_image differ in length")
@@ -148,20 +174,12 @@ def plan_rows(lengths: Sequence[int], has_image: Sequence[bool], cfg: PackingCon
     rows: list[list[int]] = []
     for start in range(0, len(lengths), buffer):
         chunk = range(start, min(start + buffer, len(lengths)))
-        free, images, members = [], [], []  # per open row of this buffer
-        for i in sorted(chunk, key=lambda i: -lengths[i]):
-            for r in range(len(free)):
-                if lengths[i] <= free[r] and images[r] + has_image[i] <= cap:
-                    break
-            else:
-                r = len(free)
-                free.append(cfg.seq_length)
-                images.append(0)
-                members.append([])
-            free[r] -= lengths[i]
-            images[r] += bool(has_image[i])
-            members[r].append(i)
-        rows += [sorted(m) for m in members]
+        planned = _first_fit(chunk, lengths, has_image, cfg.seq_length, cap)
+        if cfg.even_rows and len(planned) > 1:
+            even = _first_fit(chunk, lengths, has_image, cfg.seq_length, cap, rows=len(planned))
+            padded = lambda plan: len(plan) * max(sum(lengths[i] for i in row) for row in plan)  # noqa: E731
+            planned = even if padded(even) < padded(planned) else planned
+        rows += planned
     return rows
 
 

@@ -81,6 +81,9 @@ class TrainConfig:
                 "its vision K/V in every layer, and short captions would otherwise fill a row with dozens"})
     pad_to_seq_length: bool = field(default=False, metadata={
         "help": "pad every sample to --seq-length (fixed shapes) instead of each micro-batch to its longest"})
+    no_data_parallel_balance: bool = field(default=False, metadata={
+        "help": "with --packing-seq-length: split each global batch over the data-parallel ranks round-robin "
+                "instead of by each sample's training FLOPs (himix_megatron/data/balance.py), for comparison"})
     # --- schedule and optimizer (AdamW)
     train_iters: Optional[int] = None
     train_samples: Optional[int] = None
@@ -305,6 +308,9 @@ def check_packing(cfg: TrainConfig, dp: int) -> None:
         for name in ("packing_buffer_size", "packing_max_images"):
             if getattr(cfg, name) is not None:
                 raise ConfigError(f"{_flag(name)} needs --packing-seq-length")
+        if cfg.no_data_parallel_balance:
+            raise ConfigError("--no-data-parallel-balance needs --packing-seq-length: only packed steps are balanced "
+                              "(an unpacked step is a fixed number of micro-batches per rank)")
         return
     if cfg.pad_to_seq_length:
         raise ConfigError("--pad-to-seq-length and --packing-seq-length exclude each other")

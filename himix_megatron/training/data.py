@@ -19,6 +19,7 @@ from himix_megatron.config import ConfigError, LanguageModelConfig, VisionModelC
 from himix_megatron.data import DatasetSpec, LoaderConfig, ShardLoader, TemplateConfig, load_tokenizer
 from himix_megatron.data.image import image_config_for
 from himix_megatron.data.features import FeatureStore, expected_description
+from himix_megatron.data.balance import BalanceConfig, SampleCost
 from himix_megatron.data.packing import ROW_MULTIPLE, PackingConfig, extend_segments
 from himix_megatron.parallel.pipeline import MicroBatch
 from himix_megatron.training.config import TrainConfig, packing_max_images, parse_data_path
@@ -93,7 +94,19 @@ def packing_config(cfg: TrainConfig, vision_tokens: int) -> Optional[PackingConf
     if cfg.packing_seq_length is None:
         return None
     return PackingConfig(cfg.packing_seq_length, cfg.packing_buffer_size, packing_max_images(cfg), vision_tokens,
-                         row_multiple(cfg))
+                         row_multiple(cfg), even_rows=cfg.pipeline_model_parallel_size > 1)
+
+
+def balance_config(cfg: TrainConfig, description, global_batch_size: int) -> BalanceConfig:
+    """Packed training's data-parallel plan: each sample costs its training FLOPs (flops.py) for this run's
+    model and stage, plus the frozen encoder's forward per image unless the run reads cached features."""
+    from himix_megatron.flops import vision_encoder_cost
+
+    vision = description.vision
+    encoder = 0 if cfg.vision_features is not None else vision_encoder_cost(vision).feature_flops
+    cost = SampleCost(description.language, description.arch, vision.num_features, vision.hidden_size, cfg.stage,
+                      encoder_flops=encoder)
+    return BalanceConfig(global_batch_size, cost, "round-robin" if cfg.no_data_parallel_balance else "balanced")
 
 
 def vision_feature_store(cfg: TrainConfig, vision, encoder) -> Optional[FeatureStore]:
@@ -116,6 +129,8 @@ def build_train_loader(run) -> ShardLoader:
     features = vision_feature_store(cfg, run.description.vision, run.encoder)
     if features is not None:
         loader_cfg = replace(loader_cfg, vision_features=features)
+    if packing is not None:
+        loader_cfg = replace(loader_cfg, balance=balance_config(cfg, run.description, run.global_batch_size))
     return ShardLoader(loader_cfg, run.tokenizer, rank=rank, world_size=world)
 
 

@@ -65,6 +65,8 @@ class Window:
     steps: int = 0
     skipped: int = 0
     grad_norms: list = field(default_factory=list)
+    dp_imbalance: list = field(default_factory=list)  # per step: the planned heaviest DP rank's cost over the mean
+    dp_time_spread: list = field(default_factory=list)  # per step: the slowest DP rank's forward-backward over the mean
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -128,6 +130,14 @@ class MetricsLogger:
             self.bar = tqdm(total=total_iters, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
                             leave=False)
 
+    def data_parallel_balance(self, planned: Optional[float], measured: Optional[float]) -> None:
+        """The coming step's data-parallel imbalance (data/balance.py): `planned`, the heaviest rank's cost over
+        the mean from the cost model; `measured`, the slowest rank's forward-backward time over the mean."""
+        if planned is not None:
+            self.window.dp_imbalance.append(planned)
+        if measured is not None:
+            self.window.dp_time_spread.append(measured)
+
     def step(self, iteration: int, *, loss_sum: float, label_tokens: float, text_tokens: int, samples: int,
              grad_norm: Optional[float], skipped: bool, lr: float, loader_stats: dict, model_flops: float = 0.0,
              computed_tokens: Optional[int] = None, rows: Optional[int] = None) -> None:
@@ -174,6 +184,9 @@ class MetricsLogger:
         }
         if self.peak_flops:
             values["mfu"] = values["model_tflops_per_s"] * 1e12 / (self.peak_flops * self.world_size)
+        for key in ("dp_imbalance", "dp_time_spread"):
+            if getattr(w, key):
+                values[key] = sum(getattr(w, key)) / len(getattr(w, key))
         scalars = {f"train/{key}": value for key, value in values.items()}
         scalars.update(self._timer_and_memory_scalars(w.steps))
         self._write(scalars, iteration)
@@ -184,7 +197,9 @@ class MetricsLogger:
                 f"{values['samples_per_s']:.1f} samples/s | {values['tokens_per_s']:.0f} tokens/s | "
                 f"{values['model_tflops_per_s']:.4f} model TFLOP/s | padding efficiency "
                 f"{values['padding_efficiency']:.3f} | {values['samples_per_row']:.2f} samples/row"
-                + (f" | MFU {values['mfu']:.1%}" if "mfu" in values else ""))
+                + (f" | MFU {values['mfu']:.1%}" if "mfu" in values else "")
+                + (f" | DP imbalance {values['dp_imbalance']:.3f}" if "dp_imbalance" in values else "")
+                + (f" | DP time spread {values['dp_time_spread']:.3f}" if "dp_time_spread" in values else ""))
         self.print(text)
 
     def _timer_and_memory_scalars(self, steps: int) -> dict:

@@ -44,6 +44,7 @@ from himix_megatron.config import ConfigError, ParallelConfig, language_model_pr
 from himix_megatron.data.templates import resolve_prompt
 from himix_megatron.parallel.pipeline import forward_backward
 from himix_megatron.training import data as training_data
+from himix_megatron.training.dp_timing import ForwardBackwardTimer
 from himix_megatron.training.config import (
     TrainConfig,
     check,
@@ -417,8 +418,10 @@ def train_step(run: Run, microbatches, inject_nan: bool = False, flops_of=lambda
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     encode = training_data.cached_features_encoder(run.cfg) if run.cfg.vision_features else run.encoder
-    stats = forward_backward(run.chunks, microbatches, encode, vision_tokens=run.description.vision.num_features)
+    with ForwardBackwardTimer(run.chunks[0].config) as timer:
+        stats = forward_backward(run.chunks, microbatches, encode, vision_tokens=run.description.vision.num_features)
     reduced = _reduce_step_stats(stats, microbatches, flops_of)
+    reduced["dp_time_spread"] = timer.spread()
     if run.gamma_mod is not None:
         reduced["mod_aux_loss"] = _reduce_mod_aux_loss(run)
     if inject_nan:
@@ -500,6 +503,7 @@ def train(cfg: TrainConfig) -> dict:
         if skipped:
             metrics.print(f"iteration {run.iteration}: loss {loss} / grad norm {grad_norm} is not finite; "
                           f"step skipped ({bad_in_a_row} in a row)")
+        metrics.data_parallel_balance((loader.last_plan or {}).get("imbalance"), reduced["dp_time_spread"])
         metrics.step(run.iteration, loss_sum=reduced["loss_sum"], label_tokens=reduced["label_tokens"],
                      text_tokens=int(reduced["text_tokens"]), samples=int(reduced["samples"]),
                      model_flops=reduced["model_flops"], computed_tokens=int(reduced["computed_tokens"]),

@@ -85,6 +85,10 @@ def test_assign_partitions_deterministically_and_beats_round_robin():
     # Ties go to the lowest rank, equal costs keep stream order: identical costs reproduce round-robin.
     assert assign([1.0] * 8, 4) == round_robin(8, 4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert plan(costs, 4, "round-robin") == round_robin(16, 4)
+    # Equal counts: 4 each, still far better than round-robin's 50+1+2+5 | 1+40+2+5 | ...
+    even = assign(costs, 4, equal_counts=True)
+    assert [len(s) for s in even] == [4, 4, 4, 4] and sorted(sum(even, [])) == list(range(16))
+    assert imbalance(rank_loads) <= imbalance(loads(costs, even)) < imbalance(loads(costs, round_robin(16, 4)))
     # The balanced plan is never worse than round-robin, batch by batch.
     import numpy as np
 
@@ -231,3 +235,19 @@ def test_an_empty_share_is_one_pad_row_without_labels(varied_shards, sp_tok, hel
 def test_balance_needs_packing(varied_shards, helpers):
     with pytest.raises(DataError, match="balance needs packing"):
         helpers.loader_config(varied_shards, balance=BalanceConfig(12))
+
+
+def test_even_rows_under_pipeline_parallelism():
+    from himix_megatron.data.packing import plan_rows
+
+    lengths, images = [60, 50, 40, 30, 20, 10], [True] * 6
+    # First-fit decreasing fills rows: 100 | 100 | 10, padded to 3 x 100 under PP.
+    assert plan_rows(lengths, images, PackingConfig(100)) == [[0, 2], [1, 3, 4], [5]]
+    # Even rows: as many rows, each 70 long: 3 x 70.
+    even = plan_rows(lengths, images, PackingConfig(100, even_rows=True))
+    assert even == [[0, 5], [1, 4], [2, 3]]
+    assert sorted(i for row in even for i in row) == list(range(6))
+    # The image cap still holds, and a single row stays as first-fit made it.
+    capped = plan_rows(lengths, images, PackingConfig(100, max_images=2, even_rows=True))
+    assert all(len(row) <= 2 for row in capped) and sorted(i for r in capped for i in r) == list(range(6))
+    assert plan_rows([10, 20], [False, False], PackingConfig(100, even_rows=True)) == [[0, 1]]
