@@ -113,13 +113,13 @@ def test_gpu_selfcheck_without_a_gpu_says_so_and_passes_nothing():
     assert proc.returncode == 0
     assert "no GPU on this machine; nothing was checked" in proc.stdout and "PASS" not in proc.stdout
     listed = subprocess.run([sys.executable, tool, "--list"], capture_output=True, text=True, timeout=300).stdout.split()
-    assert listed == ["train-resume", "te-vs-local", "attention-flash", "attention-fused", "fp8", "vicuna-width"]
+    assert listed == ["train-resume", "te-vs-local", "attention-flash", "attention-fused", "fp8", "text-only",
+                      "vicuna-width"]
     bad = subprocess.run([sys.executable, tool, "--only", "nope"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
 
 
-def test_gpu_selfcheck_report_format():
-    import importlib.util
+def _selfcheck_tool():
     import os
     import sys
 
@@ -128,6 +128,11 @@ def test_gpu_selfcheck_report_format():
     tool = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = tool  # its dataclasses look their module up
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_gpu_selfcheck_report_format():
+    tool = _selfcheck_tool()
     table = tool.render([tool.Row("fp8", "PASS", "|diff| 0.01"), tool.Row("attention-flash sbhd", "FAIL", "x")])
     assert table.splitlines() == [
         "check                | result | figures",
@@ -301,7 +306,7 @@ def test_without_a_thd_backend_packing_and_vanilla_are_refused_and_himix_masks(t
     with pytest.raises(ConfigError, match=r"--packing-seq-length: no Transformer Engine attention backend .* install "
                                           r"flash-attn .*; or train unpacked"):
         trainer.thd_attention(cfg("--packing-seq-length", "64"), "himix")
-    with pytest.raises(ConfigError, match=r"--arch vanilla: a micro-batch with a text-only sample .* install flash-attn"):
+    with pytest.raises(ConfigError, match=r"--arch vanilla: a micro-batch with a text-only sample .* flash-attn"):
         trainer.thd_attention(cfg(), "vanilla")
     assert trainer.thd_attention(cfg(), "himix") is False  # the caller turns mixed_batches_as_segments off
     monkeypatch.setattr(core_attention, "gpu_thd_problem", lambda: None)
@@ -309,3 +314,94 @@ def test_without_a_thd_backend_packing_and_vanilla_are_refused_and_himix_masks(t
     monkeypatch.setattr(core_attention, "te_available", lambda: False)
     monkeypatch.setattr(core_attention, "gpu_thd_problem", lambda: problem)
     assert trainer.thd_attention(cfg("--packing-seq-length", "64"), "vanilla") is True  # local spec: always
+
+
+LAUNCHER_ENV = {
+    "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NODELIST": "gpu[001-002]",
+    "SLURM_JOB_ID": "77", "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "gpu001",
+    "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x", "PET_NPROC_PER_NODE": "4", "OMPI_COMM_WORLD_SIZE": "4",
+    "PMI_SIZE": "4", "MPI_LOCALRANKID": "0",
+}
+
+
+def test_selfcheck_is_one_process_whatever_the_launcher_set(monkeypatch, tmp_path):
+    """Bug 3 of issue 25: the self-check's children inherited SLURM / torchrun variables (both attention checks
+    bound the parent's MASTER_PORT; under an sbatch with SLURM_NTASKS > 1 the parent waited for ranks that never
+    came). Its launch now ignores them: its own world of one on a free port, children in a clean environment."""
+    import os
+    import subprocess
+
+    from himix_megatron import platform
+
+    tool = _selfcheck_tool()
+    for name, value in {**LAUNCHER_ENV, "CUDA_VISIBLE_DEVICES": "3", "NVTE_FLASH_ATTN": "1"}.items():
+        monkeypatch.setenv(name, value)
+    clean = tool.single_process_env(os.environ)
+    assert not set(LAUNCHER_ENV) & set(clean)
+    assert clean["CUDA_VISIBLE_DEVICES"] == "3" and clean["PATH"] == os.environ["PATH"]
+    assert not set(LAUNCHER_ENV) & set(tool.attention_child_env("fused"))
+    assert tool.attention_child_env("fused")["NVTE_FUSED_ATTN"] == "1"
+
+    launched = []
+    monkeypatch.setattr(platform, "initialize", lambda parallel, launch=None, **kw: launched.append(launch))
+    monkeypatch.setattr("megatron.core.parallel_state.model_parallel_is_initialized", lambda: False)
+    tool.init_single_rank()
+    [launch] = launched
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == (0, 1, 0, "single")
+    assert launch.master_addr == "127.0.0.1" and launch.master_port != 29500
+
+    children = []
+
+    def fake_run(cmd, **kwargs):
+        children.append((cmd, kwargs["env"]))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(tool.subprocess, "run", fake_run)
+    assert tool.himix_train(["--train-iters", "1"], str(tmp_path / "log")) == ({}, {})
+    [(cmd, env)] = children
+    assert "--standalone" in cmd and not set(LAUNCHER_ENV) & set(env)
+
+
+def test_selfcheck_on_a_nonzero_rank_exits_at_once():
+    import os
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "gpu_selfcheck.py")
+    env = {**os.environ, **LAUNCHER_ENV, "SLURM_PROCID": "2", "RANK": "2"}
+    proc = subprocess.run([sys.executable, tool], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "rank 2 of a multi-process launch" in proc.stdout
+    assert "no GPU" not in proc.stdout  # it stopped before looking
+
+
+def test_selfcheck_skips_backends_the_gpu_cannot_have_and_reports_each_case(monkeypatch, tmp_path):
+    """Issue 25 item 4: an impossible backend is a SKIP with its reason, and one failing case does not hide
+    the other's result."""
+    import subprocess
+
+    tool = _selfcheck_tool()
+    ampere = ((8, 0), (9, 10, 0), False)  # an A100 without flash-attn
+    assert "flash-attn is not installed" in tool.attention_case_problem("flash", tool.ATTENTION_CASES[0], *ampere)
+    assert "thd attention needs sm90+" in tool.attention_case_problem("fused", tool.ATTENTION_CASES[1], *ampere)
+    assert tool.attention_case_problem("fused", tool.ATTENTION_CASES[0], *ampere) is None
+    assert "needs cuDNN 9.7" in tool.attention_case_problem("fused", tool.ATTENTION_CASES[0], (9, 0), (9, 6, 0), True)
+    hopper = ((9, 0), (9, 10, 0), True)
+    assert all(tool.attention_case_problem(b, c, *hopper) is None for b in ("flash", "fused")
+               for c in tool.ATTENTION_CASES)
+
+    monkeypatch.setattr(tool.subprocess, "run", lambda *a, **k: pytest.fail("nothing to run: every case is a SKIP"))
+    rows = tool.check_attention(str(tmp_path), "flash", ampere)
+    assert [r.status for r in rows] == ["SKIP", "SKIP"]
+
+    sbhd, thd = tool.ATTENTION_CASES
+    log = "\n".join([
+        tool.CASE_MARK + sbhd, "[DEBUG] Running with FusedAttention backend (sub-backend 1)",
+        tool.CASE_MARK + thd, "Traceback ...", "RuntimeError: cuDNN Error: execution failed",
+        tool.RESULT_MARK + '{"%s": {"out": 0.004, "grads": 0.006}, "%s": {"error": "RuntimeError: cuDNN Error"}}'
+        % (sbhd, thd)])
+    monkeypatch.setattr(tool.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout=log))
+    rows = tool.check_attention(str(tmp_path), "fused", hopper)
+    assert [(r.check, r.status) for r in rows] == [(f"attention-fused {sbhd}", "PASS"),
+                                                   (f"attention-fused {thd}", "FAIL")]
+    assert "FusedAttention backend (sub-backend 1)" in rows[0].figures and "cuDNN Error" in rows[1].figures
