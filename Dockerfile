@@ -13,12 +13,22 @@ COPY himix_megatron ./himix_megatron
 COPY tools ./tools
 COPY examples ./examples
 
-# `gpu` names transformer-engine and flash-attn, which the base image already satisfies; `mpi` adds
-# mpi4py + mpich for mpirun launches. Never install these extras on a CPU-only machine.
-RUN pip install --no-cache-dir -e '.[gpu,mpi]'
+# NGC sets PIP_CONSTRAINT=/etc/pip/constraint.txt, pinning what the image was built with. Its CUDA stack (torch,
+# Transformer Engine, flash-attn, apex, numpy, nvidia-*) must stay; its pure-Python pins may predate what
+# transformers>=5.6 needs (huggingface-hub, tokenizers), which would make the install unresolvable. So pip runs
+# under the image's file less those pins (tools/ngc_constraints.py prints which it released). `gpu` names
+# transformer-engine and flash-attn, which the kept pins hold at the image's builds.
+# MPI: the image ships HPC-X Open MPI (mpirun, libmpi); the `mpi` extra's mpich from PyPI would put a second
+# mpirun and libmpi beside it, and an mpi4py bound to one under the other's launcher sees every rank as rank 0.
+# So no `mpi` extra here: mpi4py is built from source against the image's Open MPI (its mpicc), and srun /
+# torchrun launches need no MPI at all (himix_megatron/platform.py).
+RUN python tools/ngc_constraints.py /etc/pip/constraint.txt > /tmp/himix-constraint.txt \
+    && PIP_CONSTRAINT=/tmp/himix-constraint.txt pip install --no-cache-dir -e '.[gpu]' \
+    && (python -c "import mpi4py" 2>/dev/null || MPICC="$(command -v mpicc)" \
+        PIP_CONSTRAINT=/tmp/himix-constraint.txt pip install --no-cache-dir --no-binary=mpi4py mpi4py)
 
 # Fail the build, not the first job, if the GPU stack is not what the TE spec needs.
-RUN python -c "import transformer_engine.pytorch, flash_attn, megatron.core; \
+RUN python -c "import transformer_engine.pytorch, flash_attn, megatron.core, transformers, mpi4py; \
 from importlib.metadata import version; from packaging.version import Version; \
 te = Version(version('transformer_engine')); \
 assert Version('2.9.0a0') <= te < Version('2.12.0'), f'transformer_engine {te} is outside megatron-core 0.16.1 range'; \
