@@ -18,7 +18,7 @@ from model_utils import TINY_LM, TINY_VISION
 from multiprocess import run_world
 from test_training import _cfg, _losses, _parallel, _train, synthetic  # noqa: F401  (the fixture)
 
-DESCRIPTION = ModelDescription("himix", TINY_LM, TINY_VISION, "vicuna_v1")
+DESCRIPTION = ModelDescription("himix", TINY_LM, TINY_VISION, "tinyllama")
 
 
 def _norm_after_load(path) -> float:

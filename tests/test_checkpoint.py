@@ -22,7 +22,7 @@ from himix_megatron.checkpoint import (
 from himix_megatron.config import ParallelConfig
 from model_utils import TINY_LM, TINY_VISION
 
-DESCRIPTION = ModelDescription("himix", TINY_LM, TINY_VISION, "vicuna_v1")
+DESCRIPTION = ModelDescription("himix", TINY_LM, TINY_VISION, "tinyllama")
 
 
 @pytest.fixture

@@ -149,7 +149,7 @@ def converted(hf, clip, tmp_path_factory):  # noqa: F811
     out = {}
     for key, vision, arch, parallel in (("himix", "vision", "himix", TP2), ("vanilla", "model", "vanilla", PP2)):
         ckpt, exported = str(root / f"{key}-ckpt"), str(root / f"{key}-hf")
-        report = import_checkpoint(hf["llama"], clip[vision], arch, parallel, ckpt, template="vicuna_v1",
+        report = import_checkpoint(hf["llama"], clip[vision], arch, parallel, ckpt, template="tinyllama",
                                    log=lambda _: None)
         export_checkpoint(ckpt, exported, log=lambda _: None)
         out[key] = (ckpt, exported, report)

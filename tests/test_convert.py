@@ -115,7 +115,7 @@ def converted(hf, tmp_path_factory):
                                     ("qwen2-himix-pp2", "qwen2", "himix", PP2),
                                     ("llama-vanilla-tp2", "llama", "vanilla", TP2)):
         ckpt, exported = str(root / f"{key}-ckpt"), str(root / f"{key}-hf")
-        report = import_checkpoint(hf[lm], hf["siglip"], arch, parallel, ckpt, template="vicuna_v1", log=lambda _: None)
+        report = import_checkpoint(hf[lm], hf["siglip"], arch, parallel, ckpt, template="tinyllama", log=lambda _: None)
         export_checkpoint(ckpt, exported, max_shard_size="100KB", log=lambda _: None)
         out[key] = (ckpt, exported, report)
     return out
@@ -156,7 +156,7 @@ def test_import_export_round_trip_is_bit_identical(hf, converted, key, lm):
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tokenizer))
     assert {"preprocessor_config.json", "configuration_himix.py", "modeling_himix.py", "tokenizer.json"} <= \
         set(os.listdir(exported))
-    assert read_description(ckpt).template == "vicuna_v1"
+    assert read_description(ckpt).template == "tinyllama"
     config = json.load(open(os.path.join(exported, "config.json")))
     assert config[TESTED_TRANSFORMERS_KEY] == TESTED_TRANSFORMERS  # the transformers range this export is tested with
 

@@ -224,8 +224,8 @@ def test_plan_reads_the_vision_tower_inside_a_siglip_model(hf, tmp_path):  # noq
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
     SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).save_pretrained(tmp_path / "siglip")
     plan = plan_import(hf["llama"], str(tmp_path / "siglip"), "vanilla", ParallelConfig(tensor_model_parallel_size=2),
-                       template="vicuna_v1")
+                       template="tinyllama")
     # Both directories are named "siglip", so even the recorded names agree.
     other = plan_import(hf["llama"], hf["siglip"], "himix", ParallelConfig())
     assert plan.description.vision == other.description.vision
-    assert plan.description.language.vocab_size == 300 and plan.description.template == "vicuna_v1"
+    assert plan.description.language.vocab_size == 300 and plan.description.template == "tinyllama"

@@ -15,7 +15,7 @@ from multiprocess import run_world
 from test_vision import _hf_features, _random_hf
 
 TINY = vision_model_preset("tiny")
-DESCRIPTION = ModelDescription("himix", language_model_preset("tiny"), TINY, "vicuna_v1")
+DESCRIPTION = ModelDescription("himix", language_model_preset("tiny"), TINY, "tinyllama")
 IMAGE_COUNTS = (1, 3, 4, 5)  # fewer images than copies, uneven and even shares
 
 

@@ -80,10 +80,10 @@ def test_routable_span_is_the_image_and_the_system_header(tmp_path):
     from himix_megatron.model.gamma_mod import routable_mask, system_header_ids, system_prefix_lengths
 
     tok = load_tokenizer(write_word_tokenizer(str(tmp_path)))
-    header = system_header_ids(tok, "vicuna_v1", "")
+    header = system_header_ids(tok, "tinyllama", "")
     assert header == (tok.bos_id, *tok.encode("USER:"))  # "<s>USER:" with an empty system prompt
     sample = encode_conversation(Conversation(rounds=(("what", "red"),), has_image=True), tok,
-                                 TemplateConfig("vicuna_v1", image="remove", system="")).ids
+                                 TemplateConfig("tinyllama", image="remove", system="")).ids
     assert tuple(sample[: len(header)]) == header  # training text starts with it
     ids = torch.tensor([sample[:6], [tok.bos_id] + sample[2:7]])  # the second does not start with the header
     lengths = system_prefix_lengths(ids, header)

@@ -10,7 +10,7 @@ from himix_megatron.checkpoint import ModelDescription, build_model, save_checkp
 from himix_megatron.config import ParallelConfig
 from model_utils import TINY_LM, TINY_VISION, randomize
 
-DESCRIPTION = ModelDescription("vanilla", TINY_LM, TINY_VISION, "vicuna_v1")
+DESCRIPTION = ModelDescription("vanilla", TINY_LM, TINY_VISION, "tinyllama")
 
 
 def _random(chunks, encoder, router_scale):

@@ -371,10 +371,10 @@ def test_example_stage_config(data, tmp_path):
                                                 "warmup_ratio": 0.03, "precision": "bf16", "seq_length": 2048,
                                                 "vision": "siglip-so400m-384"},
                         "stages": [
-                            {"name": "pretrain", "trainable": "himix_vision", "template": "plain", "lr": 1e-3,
+                            {"name": "pretrain", "trainable": "himix_vision", "template": "pretrain", "lr": 1e-3,
                              "global_batch_size": 256, "epochs": {"default": 3, "tiny": 2},
                              "datasets": [{"name": "a", "shards": "a"}]},
-                            {"name": "further_pretrain", "trainable": "lm_and_himix_vision", "template": "vicuna_v1",
+                            {"name": "further_pretrain", "trainable": "lm_and_himix_vision", "template": "tinyllama",
                              "lr": 2e-5, "global_batch_size": 128, "epochs": 1,
                              "datasets": [{"name": "a", "shards": "a"}, {"name": "b", "shards": "b", "fraction": 0.25}]},
                         ]}, f)
@@ -382,10 +382,10 @@ def test_example_stage_config(data, tmp_path):
     n = ITERS * 8 + 40
     a, b = str(tmp_path / "root" / "a"), str(tmp_path / "root" / "b")
     expected = {
-        "pretrain": dict(stage="pretrain", template="plain", lr=1e-3, global_batch_size=256, train_epochs=2.0,
+        "pretrain": dict(stage="pretrain", template="pretrain", lr=1e-3, global_batch_size=256, train_epochs=2.0,
                          train_samples=None, data_path=[a]),
         # Weights fraction x size, and one pass = the sampled share of each dataset.
-        "further_pretrain": dict(stage="further-pretrain", template="vicuna_v1", lr=2e-5, global_batch_size=128,
+        "further_pretrain": dict(stage="further-pretrain", template="tinyllama", lr=2e-5, global_batch_size=128,
                                  train_epochs=None, train_samples=n + n // 4,
                                  data_path=[str(float(n)), a, str(n * 0.25), b]),
     }

@@ -393,7 +393,7 @@ def vanilla_checkpoint(tmp_path_factory, single_rank):
     root = tmp_path_factory.mktemp("baselines")
     tok = str(root / "tok")
     write_word_tokenizer(tok)
-    description = ModelDescription("vanilla", TINY_LM, TINY_VISION, "vicuna_v1")
+    description = ModelDescription("vanilla", TINY_LM, TINY_VISION, "tinyllama")
     chunks, encoder = build_model(description, ParallelConfig())
     randomize(chunks + [encoder], 0, scale=0.5)
     path = str(root / "ckpt")
@@ -427,7 +427,7 @@ assert main(['export', '--load', {ckpt!r}, '--output', {refused!r}, '--fastv-k',
     config = json.load(open(os.path.join(fastv, "config.json")))
     assert config["model_type"] == "llava_baselines" and config["auto_map"] == BASELINES_AUTO_MAP
     assert (config["fastv_k"], config["fastv_r"], config["fastv_ranking"]) == (2, 0.0, "all_tokens")
-    assert config["himix_template"] == "vicuna_v1"
+    assert config["himix_template"] == "tinyllama"
     model, info = AutoModelForCausalLM.from_pretrained(fastv, trust_remote_code=True, output_loading_info=True)
     assert not any(info.values()), info
     reference = LlavaForConditionalGeneration.from_pretrained(plain).eval()

@@ -112,8 +112,8 @@ def siglip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(tokenizers, siglip, tmp_path_factory, single_rank):
     """template -> (checkpoint, export), built once each: Llama + the Vicuna sentencepiece tokenizer (its <image>
-    id is past the LM's vocabulary) for vicuna_v1, Qwen2 + the ChatML BPE tokenizer (no BOS, a pad token,
-    <image> inside the vocabulary) for qwen2."""
+    id is past the LM's vocabulary) for tinyllama, Qwen2 + the BPE tokenizer (no BOS, a pad token, <image> inside
+    the vocabulary) for qwen2_base."""
     from himix_megatron.convert.hf_export import export_checkpoint
 
     built = {}
@@ -121,7 +121,7 @@ def exports(tokenizers, siglip, tmp_path_factory, single_rank):
     def get(template):
         if template not in built:
             root = tmp_path_factory.mktemp(template)
-            if template == "vicuna_v1":
+            if template == "tinyllama":
                 lm, tok = LlamaForCausalLM(LlamaConfig(vocab_size=300, bos_token_id=1, eos_token_id=2, **LM_SHAPE)), \
                     "vicuna"
             else:
@@ -137,7 +137,7 @@ def exports(tokenizers, siglip, tmp_path_factory, single_rank):
     return get
 
 
-@pytest.fixture(params=["vicuna_v1", "qwen2"])
+@pytest.fixture(params=["tinyllama", "qwen2_base"])
 def exported(request, exports):
     """(template, checkpoint, export)."""
     return (request.param, *exports(request.param))
@@ -158,27 +158,28 @@ def _messages(question, image=None, system=None):
 # --- 1. the chat templates give training's prompt ids -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("template,tok", [("vicuna_v1", "vicuna"), ("llama3", "llama3"), ("qwen2", "qwen2"),
-                                          ("plain", "vicuna")])
+@pytest.mark.parametrize("template,tok", [("tinyllama", "vicuna"), ("qwen2_base", "qwen2"), ("pretrain", "vicuna"),
+                                          ("llama3_instruct", "llama3"), ("chatml", "qwen2")])
 def test_chat_template_and_processor_give_the_training_prompt(tokenizers, template, tok):
     hf_tok = AutoTokenizer.from_pretrained(tokenizers[tok])
     ours = load_tokenizer(tokenizers[tok])  # what training encodes with
     processor = HiMixProcessor(SiglipImageProcessor(size={"height": 56, "width": 56}), hf_tok,
-                               chat_template=chat_template(template))
+                               chat_template=chat_template(template, None))
     cfg = TemplateConfig.for_arch(template, "himix")
     image = _images(1)[0]
     for question in QUESTIONS:
         for system in (None, "Answer briefly.", ""):
-            if template == "plain" and system is not None:
+            if template == "pretrain" and system is not None:
                 continue
             text = processor.apply_chat_template(_messages(question, image, system), tokenize=False,
                                                  add_generation_prompt=True)
             assert text.count("<image>") == 1
             batch = processor(text=text, images=image, return_tensors="pt")
-            expected = generation_prompt([question], [], ours, cfg, has_image=True, system=system)
+            stated = TemplateConfig.for_arch(template, "himix", system=system)
+            expected = generation_prompt([question], [], ours, stated, has_image=True)
             assert batch["input_ids"][0].tolist() == expected, text
             assert batch["pixel_values"].shape == (1, 3, 56, 56)
-    if template == "plain":
+    if template == "pretrain":
         return
     # Where training put the image (vanilla's "mark" placement) is where the placeholder is.
     marked = generation_prompt([QUESTIONS[0]], [], ours, TemplateConfig(template, image="mark"), has_image=True)
@@ -191,8 +192,8 @@ def test_chat_template_and_processor_give_the_training_prompt(tokenizers, templa
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     expected = generation_prompt(QUESTIONS, ["A red circle."], ours, cfg, has_image=True)
     assert processor(text=[text], images=[image])["input_ids"][0] == expected
-    if tok == "vicuna":  # why the processor encodes piece by piece: in one string, legacy=False drops a "▁"
-        assert hf_tok.encode(text.replace("<image>", ""), add_special_tokens=False) != expected
+    if tok == "vicuna":  # why the processor encodes piece by piece: the pieces' own dummy-prefix "▁" stay
+        assert hf_tok.encode(text.replace("<image>", "")) != expected
     # The tokenizer of an export reads the same template (AutoTokenizer.apply_chat_template).
     hf_tok.chat_template = processor.chat_template
     assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
@@ -200,12 +201,12 @@ def test_chat_template_and_processor_give_the_training_prompt(tokenizers, templa
 
 def test_chat_templates_refuse_what_training_never_saw(tokenizers):
     processor = HiMixProcessor(SiglipImageProcessor(), AutoTokenizer.from_pretrained(tokenizers["qwen2"]),
-                               chat_template=chat_template("qwen2"))
+                               chat_template=chat_template("chatml", None))
     with pytest.raises(Exception, match="starting with the user"):
         processor.apply_chat_template([{"role": "assistant", "content": "hi"}], tokenize=False)
-    with pytest.raises(ConversionError, match="'alpaca' has no chat-template equivalent"):
-        chat_template("alpaca")
-    assert chat_template(None) == chat_template("vicuna_v1")
+    for name in ("alpaca", "vicuna_v1"):  # unknown, retired
+        with pytest.raises(ConversionError, match=f"'{name}' has no chat-template equivalent"):
+            chat_template(name, None)
 
 
 # --- 2. lmms-eval's calls, replayed ------------------------------------------------------------------------------
@@ -254,7 +255,8 @@ def test_lmms_eval_huggingface_model_runs_the_export(exported):
     assert {*REMOTE_CODE_FILES, "processor_config.json", "chat_template.jinja", "preprocessor_config.json"} <= files
     config = json.load(open(os.path.join(directory, "config.json")))
     assert config["auto_map"] == AUTO_MAP and config["himix_template"] == template
-    assert open(os.path.join(directory, "chat_template.jinja")).read() == chat_template(template)
+    assert config["himix_system_prompt"] == TemplateConfig(template).system_prompt  # an import records the default
+    assert open(os.path.join(directory, "chat_template.jinja")).read() == chat_template(template, None)
 
     model_cls, model, processor, tokenizer = _lmms_eval_load(directory)
     assert model_cls.__name__ == "AutoModel"  # lmms-eval's choice for a model type transformers does not know
@@ -262,7 +264,7 @@ def test_lmms_eval_huggingface_model_runs_the_export(exported):
     assert type(model).__name__ == "HiMixForCausalLM" and type(model) is not HiMixForCausalLM
     assert type(processor).__name__ == "HiMixProcessor" and type(processor) is not HiMixProcessor
     assert model.dtype == torch.bfloat16
-    assert processor.chat_template == tokenizer.chat_template == chat_template(template)
+    assert processor.chat_template == tokenizer.chat_template == chat_template(template, None)
 
     image = _images(1)[0]
     texts, inputs, trimmed, answers = _lmms_eval_generate(model, processor, tokenizer, [(QUESTIONS[0], image)])
@@ -312,7 +314,7 @@ def test_lmms_eval_batch_equals_one_by_one(exported):
 def test_processor_refuses_what_himix_cannot_take(tokenizers):
     processor = HiMixProcessor(SiglipImageProcessor(size={"height": 56, "width": 56}),
                                AutoTokenizer.from_pretrained(tokenizers["vicuna"]),
-                               chat_template=chat_template("vicuna_v1"))
+                               chat_template=chat_template("tinyllama", None))
     one = processor.apply_chat_template(_messages("q", "image"), add_generation_prompt=True)
     none = processor.apply_chat_template(_messages("q"), add_generation_prompt=True)
     a, b = _images(2)
@@ -341,33 +343,61 @@ def test_processor_refuses_what_himix_cannot_take(tokenizers):
 
 def test_processor_saves_and_loads_standalone(tokenizers, tmp_path):
     processor = HiMixProcessor(SiglipImageProcessor(size={"height": 56, "width": 56}),
-                               AutoTokenizer.from_pretrained(tokenizers["qwen2"]), chat_template=chat_template("qwen2"),
+                               AutoTokenizer.from_pretrained(tokenizers["qwen2"]), chat_template=chat_template("chatml", None),
                                padding_side="right")
     processor.save_pretrained(tmp_path)
     loaded = HiMixProcessor.from_pretrained(tmp_path)
-    assert loaded.padding_side == "right" and loaded.chat_template == chat_template("qwen2")
+    assert loaded.padding_side == "right" and loaded.chat_template == chat_template("chatml", None)
     text = loaded.apply_chat_template(_messages("q", "image"), add_generation_prompt=True)
     assert loaded.decode(loaded(text=text, images=_images(1))["input_ids"][0]) == text.replace("<image>", "")
 
 
-# --- 4. the export refuses a template it cannot express, and defaults to vicuna_v1 ------------------------------
+# --- 4. the export writes the recorded prompt, and refuses what it cannot express ----------------------------------
 
 
-def _with_template(ckpt, tmp_path, template):
+def _with_fields(ckpt, tmp_path, **fields):
     copy = str(tmp_path / "ckpt")
     shutil.copytree(ckpt, copy)
-    set_model_field(os.path.join(copy, "iter_0000000"), "template", template)
+    for key, value in fields.items():
+        set_model_field(os.path.join(copy, "iter_0000000"), key, value)
     return copy
+
+
+@pytest.mark.parametrize("system", ["Answer in one word.", ""])
+def test_export_carries_the_recorded_system_prompt(exports, tmp_path, system):
+    """A model trained with another system prompt (or none) is prompted with it by the export's chat template and
+    by himix-eval, with no flags: their prompt ids equal training's."""
+    from himix_megatron.convert.hf_export import export_checkpoint
+    from himix_megatron.eval.generate import load_model
+    from himix_megatron.eval.prompts import Question, prompt_ids
+
+    ckpt, _ = exports("tinyllama")
+    out = export_checkpoint(_with_fields(ckpt, tmp_path, system_prompt=system), str(tmp_path / "out"),
+                            log=lambda _: None)
+    assert json.load(open(os.path.join(out, "config.json")))["himix_system_prompt"] == system
+    assert open(os.path.join(out, "chat_template.jinja")).read() == chat_template("tinyllama", system)
+    training = generation_prompt([QUESTIONS[0]], [], load_tokenizer(os.path.join(ckpt, "iter_0000000", "tokenizer")),
+                                 TemplateConfig("tinyllama", system=system), has_image=True)
+    _, _, processor, _ = _lmms_eval_load(out, dtype="float32")
+    text = processor.apply_chat_template(_messages(QUESTIONS[0], _images(1)[0]), add_generation_prompt=True)
+    assert processor(text=text, images=_images(1))["input_ids"][0] == training
+    model = load_model(out, template=None, log=lambda _: None)
+    assert model.template.system_prompt == system
+    assert prompt_ids(Question("q0", QUESTIONS[0], "image.png"), model.tokenizer, model.template) == training
 
 
 def test_export_template_choice(exports, tmp_path):
     from himix_megatron.convert.hf_export import export_checkpoint
 
-    ckpt, _ = exports("vicuna_v1")
-    with pytest.raises(ConversionError, match="'alpaca' has no chat-template equivalent"):
-        export_checkpoint(_with_template(ckpt, tmp_path / "a", "alpaca"), str(tmp_path / "out"), log=lambda _: None)
+    ckpt, _ = exports("tinyllama")
+    with pytest.raises(ConversionError, match="unknown conversation template 'alpaca'"):
+        export_checkpoint(_with_fields(ckpt, tmp_path / "a", template="alpaca"), str(tmp_path / "out"),
+                          log=lambda _: None)
     assert not os.path.exists(tmp_path / "out") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
-    logs = []
-    out = export_checkpoint(_with_template(ckpt, tmp_path / "b", None), str(tmp_path / "out"), log=logs.append)
-    assert any("records no conversation template" in line for line in logs)
-    assert open(os.path.join(out, "chat_template.jinja")).read() == chat_template("vicuna_v1")
+    with pytest.raises(ConversionError, match="records no conversation template"):
+        export_checkpoint(_with_fields(ckpt, tmp_path / "b", template=None), str(tmp_path / "out"), log=lambda _: None)
+    logs = []  # an earlier release's checkpoint: no system prompt recorded, the template's default assumed
+    out = export_checkpoint(_with_fields(ckpt, tmp_path / "c", system_prompt=None), str(tmp_path / "out"),
+                            log=logs.append)
+    assert any("records no system prompt" in line for line in logs)
+    assert open(os.path.join(out, "chat_template.jinja")).read() == chat_template("tinyllama", None)

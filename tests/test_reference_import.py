@@ -231,7 +231,7 @@ def test_imported_weights_give_the_reference_logits(models, refs, variant):
     from himix_megatron.convert.reference_import import fill_from_reference, open_tensors, plan_reference
 
     lm, kind, _ = VARIANTS[variant]
-    plan = plan_reference(refs[variant], ParallelConfig(), template="qwen2" if lm == "qwen2" else "vicuna_v1")
+    plan = plan_reference(refs[variant], ParallelConfig(), template="qwen2_base" if lm == "qwen2" else "tinyllama")
     d = plan.description
     assert plan.reference.kind == kind and d.arch == "himix"
     assert (d.language.qkv_bias, d.language.tie_embeddings) == ((True, True) if lm == "qwen2" else (False, False))
@@ -272,9 +272,9 @@ def test_import_writes_a_checkpoint_with_the_reference_logits(models, refs, tmp_
     lm = VARIANTS[variant][0]
     ckpt = str(tmp_path / "ckpt")
     logs = []
-    report = import_reference(refs[variant], parallel, ckpt, template="vicuna_v1", log=logs.append)
+    report = import_reference(refs[variant], parallel, ckpt, template="tinyllama", log=logs.append)
     assert report.new_parameters == [] and "none newly initialised" in " ".join(logs)
-    assert read_description(ckpt).template == "vicuna_v1"
+    assert read_description(ckpt).template == "tinyllama"
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(os.path.join(ckpt, "iter_0000000",
                                                                                       "tokenizer")))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directory left

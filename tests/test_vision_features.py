@@ -26,7 +26,7 @@ def _checkpoint(path, tok, seed):
     from himix_megatron.checkpoint import build_model, save_checkpoint
 
     torch.manual_seed(seed)
-    description = ModelDescription("himix", TINY_LM, TINY_VISION, "vicuna_v1")
+    description = ModelDescription("himix", TINY_LM, TINY_VISION, "tinyllama")
     chunks, encoder = build_model(description, ParallelConfig())
     with torch.no_grad():
         for p in encoder.parameters():
