@@ -16,6 +16,7 @@ file's order.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -138,6 +139,15 @@ def _ids(m: Model, question: Question) -> list[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=None)
+def special_ids(directory: str) -> frozenset:
+    """The ids of the export's special tokens (BOS, UNK, PAD, <image>, ...), which answers leave out, as LLaVA's
+    model_vqa and lmms-eval decode them (skip_special_tokens=True)."""
+    from transformers import AutoTokenizer
+
+    return frozenset(AutoTokenizer.from_pretrained(directory).all_special_ids)
+
+
 @torch.no_grad()
 def answer_batch(m: Model, questions: list[Question], image_folder: Optional[str], max_new_tokens: int) -> list[str]:
     """Greedy answers to questions that all have an image or all have none."""
@@ -152,10 +162,10 @@ def answer_batch(m: Model, questions: list[Question], image_folder: Optional[str
         kwargs["pixel_values"] = torch.stack(pixels).to(m.device, next(m.model.parameters()).dtype)
     out = m.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                            do_sample=False, num_beams=1, eos_token_id=m.stop_ids, pad_token_id=pad, **kwargs)
-    answers = []
+    answers, special = [], special_ids(m.model.name_or_path)
     for row in out[:, width:].tolist():
         cut = next((i for i, t in enumerate(row) if t in m.stop_ids), len(row))
-        text = m.tokenizer.decode(row[:cut]).strip()
+        text = m.tokenizer.decode([t for t in row[:cut] if t not in special]).strip()
         answers.append(text.split("\n")[0].strip() if m.template.name == "pretrain" else text)
     return answers
 

@@ -77,7 +77,7 @@ def _greedy_without_cache(m, question, folder, steps):
             break
         out.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return m.tokenizer.decode(out).strip()
+    return m.tokenizer.decode([t for t in out if t not in generate.special_ids(m.model.name_or_path)]).strip()
 
 
 @pytest.mark.parametrize("arch", ["himix", "vanilla"])
@@ -212,3 +212,37 @@ def test_cli_fastv_on_a_vanilla_checkpoint(exported, questions, tmp_path, capsys
     assert main(["--model", exported["vanilla"], "--benchmark", "mmvet", "--questions", path, "--output-dir",
                  str(tmp_path / "x"), "--fastv-k", "2", "--fastv-r", "0.5"]) == 2
     assert "already exported" in capsys.readouterr().err
+
+
+class _Scripted(torch.nn.Module):
+    """A model whose `generate` appends fixed ids: what an answer makes of them, whatever a model says."""
+
+    def __init__(self, directory, tail):
+        super().__init__()
+        self.name_or_path, self.tail, self.weight = directory, tail, torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, **kwargs):
+        return torch.cat([input_ids, torch.tensor([self.tail] * len(input_ids))], dim=1)
+
+
+def test_answers_leave_special_tokens_out_as_llava_decodes_them(tmp_path):
+    """LLaVA's model_vqa and lmms-eval decode with skip_special_tokens=True: <unk>, <pad>, BOS never reach an
+    answer; the first stop token ends it."""
+    from transformers import AutoTokenizer
+
+    from himix_megatron.data.image import ImageConfig
+    from himix_megatron.data.synthetic import write_word_tokenizer
+    from himix_megatron.data.templates import TemplateConfig
+    from himix_megatron.data.tokenizer import load_tokenizer
+
+    write_word_tokenizer(str(tmp_path))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    word = lambda w: hf.convert_tokens_to_ids(w)  # noqa: E731
+    tail = [hf.unk_token_id, word("red"), hf.pad_token_id, hf.bos_token_id, word("circle"), hf.eos_token_id,
+            word("square")]
+    m = generate.Model(_Scripted(str(tmp_path), tail), "himix", tok, TemplateConfig(system=""), ImageConfig(), 0,
+                       [hf.eos_token_id], torch.device("cpu"))
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "text": "what colour"}\n')
+    question = read_questions(str(tmp_path / "q.jsonl"))
+    assert generate.answer_batch(m, question, None, max_new_tokens=len(tail)) == ["red circle"]
