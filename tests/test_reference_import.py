@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, \
     SiglipVisionModel
 
-from himix_megatron.config import ParallelConfig
+from himix_megatron.config import ConfigError, ParallelConfig
 from himix_megatron.convert.layout import ConversionError
 from model_utils import randomize_hf
 from tokenizer_utils import save_word_level_tokenizer
@@ -393,3 +393,31 @@ def test_a_pretrain_layout_without_the_tinyllava_config_imports_with_a_warning(m
     assert plan.reference.kind == "pretrain" and plan.reference.tokenizer_dir == ref
     assert len(plan.warnings) == 1 and "vision_feature_layer" in plan.warnings[0]
     assert plan.description.language.vocab_size == 300
+
+
+@pytest.mark.parametrize("lm,template", [("llama", "tinyllama"), ("qwen2", "qwen2_base")])
+def test_the_import_records_the_authors_template_and_prompt(models, tmp_path, lm, template):
+    """The reference records no --conv_version: the import takes the authors' template for the decoder family."""
+    from himix_megatron.data.templates import REFERENCE_SYSTEM
+
+    _, sd, cfg = models[lm]
+    d = _plan(write_reference(tmp_path / "ref", "pretrain", "bin", cfg, sd, models["siglip"][1])).description
+    assert (d.template, d.system_prompt) == (template, REFERENCE_SYSTEM)
+    with pytest.raises(ConfigError, match="unknown conversation template 'alpaca'"):
+        from himix_megatron.convert.reference_import import plan_reference
+
+        plan_reference(str(tmp_path / "ref"), ParallelConfig(), template="alpaca")
+
+
+def test_tied_embeddings_that_differ_are_refused(models, tmp_path):
+    """Qwen2 ties its embeddings; a save holding both matrices must hold one matrix twice, or one would be lost."""
+    _, sd, cfg = models["qwen2"]
+    embed = sd["model.embed_tokens.weight"]
+    same = write_reference(tmp_path / "same", "pretrain", "bin", cfg, sd, models["siglip"][1],
+                           extra={"lm_head.weight": embed.clone()})
+    assert _plan(same).description.language.tie_embeddings
+    differs = write_reference(tmp_path / "differs", "pretrain", "bin", cfg, sd, models["siglip"][1],
+                              extra={"lm_head.weight": embed + 1})
+    with pytest.raises(ConversionError, match=r"ties the embeddings, but 'lm_head\.weight' differs from "
+                                              r"'model\.embed_tokens\.weight'"):
+        _plan(differs)

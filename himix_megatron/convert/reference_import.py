@@ -482,18 +482,19 @@ def plan_reference(directory: str, parallel: ParallelConfig, template: Optional[
 
 
 def _paper_template(ref: ReferenceCheckpoint) -> str:
-    """The authors' template for the reference's decoder: from its tokenizer's end token, else its model type."""
+    """The authors' template for the reference's decoder: qwen2_base for Qwen2; for a Llama, tinyllama (Vicuna,
+    TinyLlama) or llama-3 (Llama-3.2) by its tokenizer's end token, else by its vocabulary size."""
     from himix_megatron.data.records import DataError
     from himix_megatron.data.templates import paper_template
     from himix_megatron.data.tokenizer import load_tokenizer
 
+    if ref.lm_config.get("model_type") == "qwen2":
+        return "qwen2_base"
     if ref.tokenizer_dir is not None:
         try:
             return paper_template(load_tokenizer(ref.tokenizer_dir))
         except DataError:
             pass
-    if ref.lm_config.get("model_type") == "qwen2":
-        return "qwen2_base"
     return "llama-3" if int(ref.lm_config.get("vocab_size", 0)) >= 128000 else "tinyllama"
 
 

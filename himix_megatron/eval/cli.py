@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "`himix-eval score --help` lists each benchmark's answer and annotation formats")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--template", help="conversation template (default: the one the checkpoint records)")
-    p.add_argument("--system-prompt", help="override the template's system prompt (as --system-prompt in training)")
+    p.add_argument("--system-prompt", help="the system prompt (default: the one the checkpoint records, as training "
+                   "rendered it; '' for none)")
     p.add_argument("--image-aspect-ratio", default="resize", choices=("resize", "pad"),
                    help="image preprocessing; training's default is resize")
     p.add_argument("--batch-size", type=int, default=8)
