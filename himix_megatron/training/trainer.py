@@ -148,8 +148,8 @@ def setup(cfg: TrainConfig) -> Run:
                               encoder_tensor_parallel_size(cfg))
     launch = platform.discover_launch()
     check(cfg, launch.world_size, te_available=te_available(), cuda=torch.cuda.is_available())
-    check_gpu(cfg)
     platform.initialize(parallel, seed=cfg.seed, launch=launch)
+    check_gpu(cfg)  # after initialize: asks this rank's GPU (set_device), not GPU 0
 
     # Resolved once, so every read below comes from the same iteration even if a save lands meanwhile.
     checkpoint = resolve(cfg.load) if _has_checkpoint(cfg.load) else None
