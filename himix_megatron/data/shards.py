@@ -13,6 +13,11 @@ directly (one pread), which is what makes exact shuffling and resumption cheap, 
 refuse a damaged sample instead of training on it.
 
 Files are written to a temporary name and renamed, so a crash never leaves a complete-looking shard.
+
+Existing webdataset tars indexed in place (data/webdataset_index.py, `tools/build_shards.py --webdataset`) are
+read through the same classes: their index names the tars (paths relative to it), each tar's sidecar (`meta`),
+and the member `layout`; a sidecar there gives each sample's end as well (skipped samples stay in the tar,
+between spans), where its conversation member lies, and whether it has an image.
 """
 
 from __future__ import annotations
@@ -183,6 +188,15 @@ class Shard:
     crc32: Optional[np.ndarray] = None
     readable: int = 0
     problem: str = ""  # why samples >= readable cannot be read
+    # In-place webdataset tars (data/webdataset_index.py): sample i is [offsets[i], ends[i]), its conversation
+    # member's data [record_spans[i, 0], + record_spans[i, 1]), decoded with `layout`.
+    ends: Optional[np.ndarray] = None
+    record_spans: Optional[np.ndarray] = None
+    has_image: Optional[np.ndarray] = None
+    layout: Optional[object] = None
+
+    def end(self, i: int) -> int:
+        return int(self.ends[i]) if self.ends is not None else int(self.offsets[i + 1])
 
 
 @dataclass
@@ -205,8 +219,13 @@ class ShardDirectory:
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise DataError(f"{path}: format {index.get('format')}/{index.get('version')}, expected {FORMAT}/{VERSION}")
         out = cls(root)
+        layout = None
+        if "layout" in index:
+            from himix_megatron.data.webdataset_index import Layout
+
+            layout = Layout.from_index(index["layout"], path)
         for entry in index.get("shards", []):
-            out.shards.append(_open_shard(root, entry))
+            out.shards.append(_open_shard(root, entry, layout))
         if not out.shards:
             raise DataError(f"{path}: lists no shards")
         return out
@@ -224,21 +243,31 @@ class ShardDirectory:
                 for s in self.shards if s.readable < s.count]
 
 
-def _open_shard(root: str, entry: dict) -> Shard:
+def _open_shard(root: str, entry: dict, layout=None) -> Shard:
     try:
         name, count = entry["name"], int(entry["count"])
+        sidecar = str(entry.get("meta") or meta_name(name))
     except (KeyError, TypeError, ValueError):
         raise DataError(f"{root}/{INDEX_FILE}: bad shard entry {entry!r}") from None
-    shard = Shard(os.path.join(root, name), count)
+    shard = Shard(os.path.join(root, name), count, layout=layout)
     try:
-        with open(os.path.join(root, meta_name(name)), encoding="utf-8") as f:
+        with open(os.path.join(root, sidecar), encoding="utf-8") as f:
             meta = json.load(f)
         offsets = np.asarray(meta["offsets"], dtype=np.int64)
         crc = np.asarray(meta["crc32"], dtype=np.uint32)
-        if len(offsets) != count + 1 or len(crc) != count:
+        if layout is not None:  # in place: a start and an end per sample
+            shard.ends = np.asarray(meta["ends"], dtype=np.int64)
+            shard.record_spans = np.asarray(meta["record_spans"], dtype=np.int64).reshape(-1, 2)
+            shard.has_image = np.asarray(meta["has_image"], dtype=bool)
+            if not len(offsets) == len(shard.ends) == len(shard.record_spans) == len(shard.has_image) == count:
+                raise ValueError(f"{len(offsets)} spans for {count} samples")
+        elif len(offsets) != count + 1:
+            raise ValueError(f"{len(offsets)} offsets for {count} samples")
+        if len(crc) != count:
             raise ValueError(f"{len(crc)} entries for {count} samples")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        shard.problem = f"sidecar {meta_name(name)} unusable: {e}"
+        shard.problem = f"sidecar {sidecar} unusable: {e}"
+        shard.ends = shard.record_spans = shard.has_image = None
         return shard
     try:
         size = os.path.getsize(shard.path)
@@ -247,9 +276,10 @@ def _open_shard(root: str, entry: dict) -> Shard:
         return shard
     shard.offsets, shard.crc32 = offsets, crc
     # Samples whose bytes end past the end of the file were cut off (e.g. an interrupted copy).
-    shard.readable = int(np.searchsorted(offsets[1:], size, side="right"))
+    ends = shard.ends if shard.ends is not None else offsets[1:]
+    shard.readable = int(np.searchsorted(ends, size, side="right"))
     if shard.readable < count:
-        shard.problem = f"truncated shard: {size} of {int(offsets[-1])} bytes"
+        shard.problem = f"truncated shard: {size} of {int(ends[-1])} bytes"
     return shard
 
 
@@ -280,12 +310,16 @@ class ShardReader:
         where = f"{shard.path} sample {i}"
         if i >= shard.readable:
             raise SampleError("corrupt shard", f"{where}: {shard.problem}")
-        start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
+        start, end = int(shard.offsets[i]), shard.end(i)
         buf = os.pread(self._fd(shard.path), end - start, start)
         if len(buf) != end - start:
             raise SampleError("corrupt shard", f"{where}: truncated shard (short read)")
         if zlib.crc32(buf) != int(shard.crc32[i]):
             raise SampleError("corrupt shard", f"{where}: checksum mismatch")
+        if shard.layout is not None:
+            from himix_megatron.data import webdataset_index
+
+            return webdataset_index.decode_sample(buf, shard.layout, where)
         return decode_sample(buf, None, where)
 
     def read_record(self, shard: Shard, i: int) -> dict:
@@ -295,6 +329,8 @@ class ShardReader:
         where = f"{shard.path} sample {i}"
         if i >= shard.readable:
             raise SampleError("corrupt shard", f"{where}: {shard.problem}")
+        if shard.layout is not None:
+            return self._read_webdataset_record(shard, i, where)
         start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
         fd = self._fd(shard.path)
         buf = os.pread(fd, min(end - start, 8 * _BLOCK), start)
@@ -318,6 +354,17 @@ class ShardReader:
         if not isinstance(record, dict):
             raise SampleError("corrupt shard", f"{where}: no json object member")
         return record
+
+    def _read_webdataset_record(self, shard: Shard, i: int, where: str) -> dict:
+        start, size = (int(v) for v in shard.record_spans[i])
+        data = os.pread(self._fd(shard.path), size, start)
+        if len(data) != size:
+            raise SampleError("corrupt shard", f"{where}: truncated shard (short read)")
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SampleError("corrupt shard", f"{where}: bad json member ({e})") from None
+        return shard.layout.record(obj, "", bool(shard.has_image[i]), where)
 
     def close(self) -> None:
         if self._pid == os.getpid():
