@@ -11,8 +11,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import runpy
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -179,19 +179,25 @@ def test_compressed_tars_are_refused_or_rewritten(built, tmp_path):
     assert_same_samples(built / "shards", tmp_path / "index")
 
 
-def test_cli(built, tmp_path):
+def _build_shards(monkeypatch, *args) -> int:
+    monkeypatch.setattr(sys, "argv", ["build_shards.py", *args])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "tools", "build_shards.py"), run_name="__main__")
+    return e.value.code
+
+
+def test_cli(built, tmp_path, monkeypatch, capsys):
     tars = tmp_path / "tars"
     write_tars(built / "shards", tars)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_shards.py"), "--webdataset", str(tars),
-                          "--output", str(tars), "--workers", "2", "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "180 samples in 3 tars indexed in place" in out.stdout
+    assert _build_shards(monkeypatch, "--webdataset", str(tars), "--output", str(tars), "--workers", "2",
+                         "--no-progress") == 0
+    assert "180 samples in 3 tars indexed in place" in capsys.readouterr().out
     assert json.loads((tars / "index.json").read_text())["shards"][0]["name"] == "part-000.tar"  # beside the tars
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_shards.py"), "--webdataset",
-                          str(tmp_path / "none"), "--output", str(tmp_path / "x")], capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode == 2 and "--webdataset" in bad.stderr and "is not a file or directory" in bad.stderr
+    assert _build_shards(monkeypatch, "--webdataset", str(tmp_path / "none"), "--output", str(tmp_path / "x")) == 2
+    assert "--webdataset" in capsys.readouterr().err
+    assert _build_shards(monkeypatch, "--webdataset", str(tars), "--json", "x.json", "--output",
+                         str(tmp_path / "y")) == 2
+    assert "--webdataset indexes tars in place: it takes no --json" in capsys.readouterr().err
 
 
 def _train(cfg):
