@@ -82,6 +82,13 @@ def test_row_multiples_follow_the_recipe(tmp_path):
     assert row_multiple(_cfg(tmp_path, "--fp8-format", "hybrid", "--fp8-recipe", "blockwise")) == 16
     assert row_multiple(_cfg(tmp_path, "--fp8-format", "hybrid", "--fp8-recipe", "mxfp8", "--sequence-parallel",
                              "--tensor-model-parallel-size", "2")) == 64
+    # Blockwise under sequence parallelism: TE all-gathers the FP8 input, in 128-row blocks per rank.
+    assert row_multiple(_cfg(tmp_path, "--fp8-format", "hybrid", "--fp8-recipe", "blockwise", "--sequence-parallel",
+                             "--tensor-model-parallel-size", "2")) == 256
+    with pytest.raises(ConfigError, match=r"--seq-length 2080 / TP 2 x --micro-batch-size 1, to be a multiple of 128"):
+        check(_cfg(tmp_path, "--fp8-format", "hybrid", "--fp8-recipe", "blockwise", "--sequence-parallel",
+                   "--tensor-model-parallel-size", "2", "--pad-to-seq-length", "--seq-length", "2080"), 2,
+              te_available=True, cuda=True)
 
 
 def test_model_shapes_each_recipe_refuses(tmp_path):
@@ -105,6 +112,10 @@ def test_model_shapes_each_recipe_refuses(tmp_path):
     assert fp8.layout_problems("delayed", ModelDescription("vanilla", vicuna, siglip), 2, True) == [
         "the N = 728 image tokens in vanilla's sequence are not a multiple of 32 (16 per TP rank under "
         "--sequence-parallel)"]
+    assert fp8.layout_problems("blockwise", ModelDescription("himix", vicuna, siglip), 2, True) == []
+    assert fp8.layout_problems("blockwise", ModelDescription("himix", language_model_preset("tiny"), siglip),
+                               2, True) == ["hidden size 64 is not a multiple of 128 (blockwise FP8 all-gathers the "
+                                            "sequence-parallel input in 128-wide blocks)"]
     tiny = ModelDescription("himix", language_model_preset("tiny"), TINY_VISION)  # d_v 48
     assert fp8.layout_problems("delayed", tiny, 1, False) == []
     with pytest.raises(ConfigError, match=r"--fp8-recipe mxfp8 needs every FP8 GEMM dimension to be a multiple of "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from himix_megatron.config import ARCHS, ConfigError
-from himix_megatron.training.fp8 import FP8_FORMATS, FP8_RECIPES, check_fp8_flags, fp8_align
+from himix_megatron.training.fp8 import FP8_FORMATS, FP8_RECIPES, check_fp8_flags, row_align
 
 STAGES = ("pretrain", "further-pretrain", "finetune")
 
@@ -500,7 +500,7 @@ def check(cfg: TrainConfig, world_size: int, *, te_available: bool, cuda: bool) 
         if cfg.seq_length % split:
             raise ConfigError(f"--sequence-parallel splits --seq-length {cfg.seq_length} over "
                               f"--tensor-model-parallel-size {split}: it must divide it")
-        align = fp8_align(cfg.fp8_recipe) if cfg.fp8_format is not None else 1
+        align = row_align(cfg.fp8_recipe, cfg.sequence_parallel) if cfg.fp8_format is not None else 1
         if (cfg.seq_length // split * cfg.micro_batch_size) % align:
             raise ConfigError(f"--fp8-recipe {cfg.fp8_recipe} needs the text GEMM rows, --seq-length {cfg.seq_length}"
                               + (f" / TP {split}" if split > 1 else "") + f" x --micro-batch-size "

@@ -84,9 +84,10 @@ def row_multiple(cfg: TrainConfig) -> int:
     """Micro-batch widths round up to this: 8 (few distinct shapes), or under FP8 what the recipe's GEMMs need
     (16, 32 for mxfp8: training/fp8.py); sequence parallelism splits the rows over TP ranks, and each rank's
     share must be such a multiple too."""
-    from himix_megatron.training.fp8 import fp8_align
+    from himix_megatron.training.fp8 import row_align
 
-    multiple = max(ROW_MULTIPLE, fp8_align(cfg.fp8_recipe)) if cfg.fp8_format is not None else ROW_MULTIPLE
+    multiple = max(ROW_MULTIPLE, row_align(cfg.fp8_recipe, cfg.sequence_parallel)) if cfg.fp8_format is not None \
+        else ROW_MULTIPLE
     return multiple * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
 
 

@@ -53,6 +53,13 @@ def fp8_align(recipe: str) -> int:
     return get_fp8_align_size(Fp8Recipe(recipe))
 
 
+def row_align(recipe: str, sequence_parallel: bool) -> int:
+    """Each rank's text rows must be a multiple of this: `fp8_align`, except that under sequence parallelism the
+    column-parallel linears all-gather their FP8 input, and TE asserts the quantizer can take it
+    (`assert_dim_for_all_gather`): Float8BlockQuantizer.is_quantizable wants rows and features % 128."""
+    return 128 if recipe == "blockwise" and sequence_parallel else fp8_align(recipe)
+
+
 def recipe_problem(recipe: str, capability: tuple, te_version: Optional[str], cuda_version: Optional[str]
                    ) -> Optional[str]:
     """Why this GPU / TE / CUDA cannot run `recipe`, or None. Pure, so the rules are tested without a GPU."""
@@ -88,7 +95,8 @@ def gpu_recipe_problem(recipe: str) -> Optional[str]:
 def check_fp8_flags(cfg) -> None:
     """Flag combinations, before anything is built (TrainConfig `cfg`)."""
     if cfg.fp8_format is not None and cfg.packing_seq_length is not None:
-        multiple = fp8_align(cfg.fp8_recipe) * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+        multiple = row_align(cfg.fp8_recipe, cfg.sequence_parallel) * (
+            cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
         if cfg.packing_seq_length % multiple:
             raise ConfigError(f"--packing-seq-length {cfg.packing_seq_length} must be a multiple of {multiple} under "
                               f"--fp8-recipe {cfg.fp8_recipe}: packed rows are padded to that many tokens")
@@ -129,6 +137,9 @@ def layout_problems(recipe: str, description, tensor_parallel: int = 1, sequence
     if description.arch == "hierarchical":
         dims["vision width d_v (per-layer connector input)"] = vision.hidden_size
     problems = [f"{what} {value} is not a multiple of {align}" for what, value in dims.items() if value % align]
+    if recipe == "blockwise" and sequence_parallel and lm.hidden_size % 128:
+        problems.append(f"hidden size {lm.hidden_size} is not a multiple of 128 (blockwise FP8 all-gathers the "
+                        "sequence-parallel input in 128-wide blocks)")
     if description.arch == "vanilla":
         # The text widths are padded to the multiple already; the N image tokens of each image sit in the sequence:
         # a micro-batch holds N x micro-batch of them, a packed row N x (any number of images).
