@@ -154,7 +154,8 @@ def test_offline_run_holds_the_tensorboard_scalars_and_the_config_and_a_resume_c
     cfg = TrainConfig(data_path=[str(synthetic / "train")], valid_data_path=[str(synthetic / "valid")],
                       tokenizer_model=str(synthetic / "tok"), system_prompt="", seq_length=24, micro_batch_size=2,
                       global_batch_size=8, lr=3e-3, train_iters=4, num_workers=0, progress=False, log_interval=1,
-                      eval_interval=2, eval_iters=1, save=str(save), save_interval=2, tensorboard_dir=str(tmp_path / "tb"),
+                      eval_interval=2, eval_iters=1, save=str(save), save_interval=2,
+                      tensorboard_dir=str(tmp_path / "tb"),
                       wandb_project="himix-test", wandb_exp_name="offline", log_timers_to_tensorboard=True,
                       timing_log_level=1, log_memory_to_tensorboard=True)
     parallel = ParallelConfig(1, 1)

@@ -7,9 +7,10 @@ TrainConfig field, plus the model the checkpoint describes and the sizes derived
 
 Resuming continues the same W&B run. The run's id is kept beside the checkpoints, in `--save`/wandb_run.json;
 a resume from a checkpoint (`--load` at the same stage, not `--finetune`) reads it from the `--load` directory
-(or the one above it, for `--load DIR/iter_N`), else from `--save`, and passes it to `wandb.init(id=..., resume="allow")`. A fresh start or a weights-only load
-(a new stage) is a new run. Steps are the training iterations, so a resume from an older checkpoint than the
-last logged iteration repeats steps that W&B already holds: the W&B server keeps the first values of a step.
+(or the one above it, for `--load DIR/iter_N`), else from `--save`, and passes it to
+`wandb.init(id=..., resume="allow")`. A fresh start or a weights-only load (a new stage) is a new run. Steps
+are the training iterations; after a resume from a checkpoint older than the last logged iteration, wandb drops
+(with a warning) the values of steps below the run's last one, so those iterations keep their first values.
 
 `wandb` is the optional extra `pip install 'himix_megatron[wandb]'`; a --wandb-* flag without it is refused
 before anything is built (`check`). `WANDB_MODE=offline` keeps everything on the machine (the tests run so);
