@@ -3,6 +3,7 @@
 #   make test   install and run the whole test suite (multi-process tests included)
 # And:
 #   make test-hf-matrix   the Hugging Face facing tests against the oldest and the newest transformers
+#   make test-lmms-eval   exports in the real lmms-eval (its newest release, in a venv of its own)
 #   make lock             regenerate requirements/lock-cpu.txt (tools/lock_requirements.sh)
 
 VENV   ?= .venv
@@ -11,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/lock-cpu.txt
 
-.PHONY: install demo test test-fast test-hf-matrix lock clean
+.PHONY: install demo test test-fast test-hf-matrix test-lmms-eval lock clean
 
 # CPU machines install exactly the versions of $(LOCK) (pip constraints), torch's CPU build included, so nothing
 # pulls in CUDA wheels. GPU machines (nvidia-smi; e.g. the NGC container) install without the lock: it pins the
@@ -76,5 +77,32 @@ test-hf-matrix: $(LOCK) requirements/lock-cpu.in
 			     "raise it in himix_megatron/hf/__init__.py and docs/gpu-and-containers.md's Install details"; fi; \
 	done
 
+# tests/test_lmms_eval_real.py in .venv-lmms-eval, with the newest lmms-eval release: a HiMix export in its
+# `huggingface` model and a vanilla export in its `llava_hf` model, their prompts and answers against himix-eval's.
+# A venv of its own because lmms-eval cannot install beside the lock: 0.7.1-0.7.3 pin wandb 0.25.0, which needs
+# protobuf < 7, while the lock has protobuf 7.x (through tensorboard) and wandb >= 0.26 (the wandb extra); pip then
+# silently takes lmms-eval 0.7, which cannot load remote code (so >=0.7.1 is asked for, and an unresolvable newest
+# release fails here, loudly). Like test-hf-matrix the venv starts from the lock's pins (without the wandb extra)
+# and moves only what lmms-eval needs (protobuf and wandb among them), plus: filelock < 4 (lmms-eval's evaluator
+# imports filelock._api, which filelock 4 removed); decord (its llava_hf imports it at module level but does not
+# require it); and no torchvision: PyPI's wheel is a CUDA build that fails to import beside the CPU torch
+# ("operator torchvision::nms does not exist") and with it transformers' processors, which without it use their
+# PIL image processors. CPU machines only, as test-hf-matrix.
+LMMS_EVAL_VENV := .venv-lmms-eval
+test-lmms-eval: $(LOCK) requirements/lock-cpu.in
+	@set -e; venv=$(LMMS_EVAL_VENV); \
+	test -x $$venv/bin/python || $(PYTHON) -m venv $$venv; \
+	printf 'lmms-eval>=0.7.1\ndecord\n' > $$venv/eval.in; \
+	echo 'filelock<4' > $$venv/pin.txt; \
+	cp $(LOCK) $$venv/lock.txt; \
+	EXTRAS=test LOCK=$$venv/lock.txt tools/lock_requirements.sh --upgrade-package lmms-eval -c $$venv/pin.txt \
+		$$venv/eval.in; \
+	$$venv/bin/python -m pip install --quiet -c $$venv/lock.txt -e '.[test]' -r $$venv/eval.in; \
+	$$venv/bin/python -m pip uninstall --quiet --yes torchvision; \
+	version=$$($$venv/bin/python -c 'from importlib.metadata import version; print(version("lmms-eval"))'); \
+	echo "== test-lmms-eval: lmms-eval $$version ($$venv)"; \
+	$$venv/bin/python -m pytest -q -p no:cacheprovider tests/test_lmms_eval_real.py || \
+		{ echo "test-lmms-eval: FAILED with lmms-eval $$version"; exit 1; }
+
 clean:
-	rm -rf $(VENV) .venv-hf-oldest .venv-hf-newest .venv-lock build *.egg-info
+	rm -rf $(VENV) .venv-hf-oldest .venv-hf-newest .venv-lock $(LMMS_EVAL_VENV) build *.egg-info

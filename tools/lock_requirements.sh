@@ -17,6 +17,12 @@ cd "$(dirname "$0")/.."
 UV_VERSION=0.13.9
 # Another output (make test-hf-matrix's per-venv locks) through LOCK=FILE; an existing FILE seeds the preferences.
 LOCK=${LOCK:-requirements/lock-cpu.txt}
+# setup.py's extras to lock (make test-lmms-eval locks "test" only: lmms-eval pins a wandb the wandb extra excludes).
+EXTRAS=${EXTRAS:-test mpi wandb}
+extras=()
+for extra in $EXTRAS; do
+    extras+=(--extra "$extra")
+done
 
 if ! .venv-lock/bin/uv --version 2>/dev/null | grep -qF "uv $UV_VERSION "; then
     python3 -m venv .venv-lock
@@ -31,7 +37,7 @@ done
 
 .venv-lock/bin/uv pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     "${find_links[@]}" --custom-compile-command "tools/lock_requirements.sh" \
-    setup.py --extra test --extra mpi --extra wandb requirements/lock-cpu.in -o "$LOCK" "$@"
+    setup.py "${extras[@]}" requirements/lock-cpu.in -o "$LOCK" "$@"
 
 if ! grep -qE '^torch==[0-9.]+\+cpu$' "$LOCK"; then
     echo "error: torch resolved to $(grep '^torch==' "$LOCK" || echo nothing), not a +cpu build: no CPU wheel" \
