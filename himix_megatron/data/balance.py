@@ -22,6 +22,14 @@ decoder and the head, its attention over its segment's keys, and per image the v
 every layer (HiMix) or the N image positions in the sequence (vanilla), plus the frozen encoder's forward
 when the run encodes images (none with cached features). A sample's text length is known without its
 image: the loader reads only the json member of each sample of the step and tokenizes it (loader.py).
+
+Only packed steps are planned. An unpacked step is a fixed number of micro-batches of micro_batch_size rows on
+every rank (pipeline stages exchange activations of one shape per step, gamma-MoD weighs its aux loss per
+micro-batch), and the unpacked loader keeps the rows full by replacing a bad sample with the rank's next one,
+which a per-step plan over the global batch cannot do. Equal-count plans would still pay off (`assign(...,
+equal_counts=True)`; tools/bench_dp_balance.py prints them), but packing, which the launch scripts use, has
+neither constraint. Unpacked steps get the within-rank half: a step's samples are regrouped so that samples
+of similar length share a micro-batch (loader.py, `length_groups`), which cuts dynamic padding.
 """
 
 from __future__ import annotations

@@ -112,6 +112,9 @@ class LoaderConfig:
     # Data-parallel assignment (data/balance.py), packing only: each yield is then one step's rows, this
     # rank's share of the global batch [s * B, (s + 1) * B) of the global stream, as the plan assigns it.
     balance: Optional[BalanceConfig] = None
+    # Unpacked, micro-batches padded to their longest: each run of this many micro-batches (a step's share)
+    # is regrouped so that samples of similar length share a micro-batch (the same samples, less padding).
+    length_groups: int = 1
 
     def __post_init__(self):
         if not self.datasets:
@@ -127,6 +130,9 @@ class LoaderConfig:
         if self.balance is not None and self.packing is None:
             raise DataError("LoaderConfig.balance needs packing: an unpacked step is a fixed number of "
                             "micro-batches of micro_batch_size samples per rank")
+        if self.length_groups < 1 or (self.length_groups > 1 and (self.packing is not None or self.pad_to != "longest")):
+            raise DataError(f"LoaderConfig.length_groups={self.length_groups}: must be >= 1, and above 1 only for "
+                            "unpacked micro-batches padded to their longest")
 
 
 class SampleEncoder:
@@ -451,6 +457,9 @@ class ShardLoader:
         if self.cfg.balance is not None:
             yield from self._steps()
             return
+        if self.cfg.length_groups > 1 and not getattr(self, "_raw_batches", False):
+            yield from self._length_grouped()
+            return
         stop = rank_stream_length(self.rank, self.world, self.cfg.num_samples)
         pending_items: list[Sample] = []
         pending = _Counters()
@@ -523,7 +532,30 @@ class ShardLoader:
         row.update(lengths=torch.zeros(0, dtype=torch.long), ids=[], meta=[])
         return row
 
+    def _length_grouped(self) -> Iterator[dict]:
+        """Runs of `length_groups` micro-batches, their samples regrouped longest first into micro-batches of
+        the same sizes (ties: stream order; stream order within a micro-batch). The run's samples are all read,
+        and the position committed past them, before its first micro-batch is yielded, so a state saved
+        between runs (between steps) resumes exactly."""
+        self._raw_batches = True
+        try:
+            runs = iter(self)
+            while True:
+                group = [b for _, b in zip(range(self.cfg.length_groups), runs)]
+                if not group:
+                    return
+                samples = [s for b in group for s in b]
+                order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].ids), i))
+                start = 0
+                for b in group:
+                    yield collate([samples[i] for i in sorted(order[start:start + len(b)])], self.collate_cfg)
+                    start += len(b)
+        finally:
+            self._raw_batches = False
+
     def _batch(self, samples: list[Sample]):
+        if getattr(self, "_raw_batches", False):
+            return list(samples)
         if self.cfg.packing is not None:
             return pack(samples, self.collate_cfg, self.cfg.packing)
         return collate(samples, self.collate_cfg)

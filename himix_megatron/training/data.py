@@ -132,6 +132,10 @@ def build_train_loader(run) -> ShardLoader:
         loader_cfg = replace(loader_cfg, vision_features=features)
     if packing is not None:
         loader_cfg = replace(loader_cfg, balance=balance_config(cfg, run.description, run.global_batch_size))
+    elif not cfg.pad_to_seq_length and cfg.pipeline_model_parallel_size == 1:
+        # Dynamic padding: a step's samples regrouped by length (pipeline parallelism pads a step to its longest
+        # micro-batch anyway). Unpacked steps are not balanced across ranks: see data/balance.py.
+        loader_cfg = replace(loader_cfg, length_groups=run.num_microbatches)
     return ShardLoader(loader_cfg, run.tokenizer, rank=rank, world_size=world)
 
 

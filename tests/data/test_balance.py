@@ -251,3 +251,46 @@ def test_even_rows_under_pipeline_parallelism():
     capped = plan_rows(lengths, images, PackingConfig(100, max_images=2, even_rows=True))
     assert all(len(row) <= 2 for row in capped) and sorted(i for r in capped for i in r) == list(range(6))
     assert plan_rows([10, 20], [False, False], PackingConfig(100, even_rows=True)) == [[0, 1]]
+
+
+def test_unpacked_steps_group_samples_of_similar_length(varied_shards, sp_tok, helpers):
+    """Dynamic padding: a step's 3 micro-batches of 4 hold the same 12 samples, longest with longest."""
+    def loader(groups, **kw):
+        cfg = helpers.loader_config(varied_shards, micro_batch_size=4, length_groups=groups, pad_to="longest", **kw)
+        return ShardLoader(cfg, sp_tok, rank=1, world_size=2)
+
+    plain, grouped = take(loader(1), 12), take(loader(3), 12)
+    padded = {"plain": 0, "grouped": 0}
+    for k in range(0, 12, 3):
+        a, b = [m for m, _ in plain[k:k + 3]], [m for m, _ in grouped[k:k + 3]]
+        assert sorted(i for m in a for i in m["ids"]) == sorted(i for m in b for i in m["ids"])
+        widths = [int(m["lengths"].max()) for m in b]
+        assert widths == sorted(widths, reverse=True)
+        assert all(int(x["lengths"].max()) >= int(y["lengths"].min()) for x, y in zip(b, b[1:]))  # no overlap
+        assert max(int(m["lengths"].min()) for m in b[:-1]) >= int(b[-1]["lengths"].max())
+        padded["plain"] += sum(m["tokens"].numel() for m in a)
+        padded["grouped"] += sum(m["tokens"].numel() for m in b)
+    assert padded["grouped"] < padded["plain"]
+    # Resuming between steps reproduces the uninterrupted stream.
+    first = loader(3)
+    head = take(first, 6)
+    resumed = loader(3, num_workers=2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [m["ids"] for m, _ in head + take(resumed, 6)] == [m["ids"] for m, _ in grouped]
+    with pytest.raises(DataError, match="length_groups"):
+        helpers.loader_config(varied_shards, length_groups=2)  # padded to seq_length: nothing to gain
+
+
+def test_blends_keep_their_global_batches(varied_shards, uniform_shards, sp_tok, helpers):
+    from himix_megatron.data import DatasetSpec
+
+    blend = [DatasetSpec.of(varied_shards, weight=2.0), DatasetSpec.of(uniform_shards, weight=1.0)]
+    batches = {}
+    for strategy in ("balanced", "round-robin"):
+        ranks = [take(ShardLoader(balanced_config(helpers, blend, strategy=strategy, blend_chunk=30), sp_tok,
+                                  rank=r, world_size=3), 6) for r in range(3)]
+        batches[strategy] = [sorted(i for r in range(3) for i in ids(ranks[r][s][0])) for s in range(6)]
+    assert batches["balanced"] == batches["round-robin"]
+    mixed = [i for b in batches["balanced"] for i in b]
+    assert len(mixed) == 72 and len(set(mixed)) == 72
+    assert sum(i.startswith("v") for i in mixed) == 48  # the 2:1 blend, exactly over 72 positions
