@@ -32,12 +32,27 @@ def build_tiny_himix(parallel: ParallelConfig = ParallelConfig(), lm=TINY_LM, se
     return build_tiny("himix", parallel, lm, seed, **overrides)
 
 
-def tiny_batch(batch: int = 2, text_len: int = 8, seed: int = 1, lm=TINY_LM):
+def tiny_batch(batch: int = 2, text_len: int = 8, seed: int = 1, lm=TINY_LM, image_slot=None):
+    """(tokens, positions, X_v, labels); `image_slot`: the position of every sample's image id (vanilla LLaVA's
+    text holds one, data/templates.py image="mark"), whose label (the previous position's) becomes 0, as
+    training's clamped IGNORE_INDEX."""
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
+
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, lm.vocab_size, (batch, text_len + 1), generator=g)
     vision = torch.randn(TINY_VISION.num_features, batch, TINY_VISION.hidden_size, generator=g)
     positions = torch.arange(text_len).expand(batch, text_len)
-    return tokens[:, :-1], positions, vision, tokens[:, 1:]
+    labels = tokens[:, 1:].clone()
+    if image_slot is not None:
+        tokens[:, image_slot] = IMAGE_TOKEN_INDEX
+        if image_slot > 0:
+            labels[:, image_slot - 1] = 0
+    return tokens[:, :-1], positions, vision, labels
+
+
+def vanilla_slot(arch: str, at: int = 2):
+    """Where tiny_batch puts the image id for `arch`: vanilla's text holds one, the other archs' none."""
+    return at if arch == "vanilla" else None
 
 
 def _is_gated_fc1(name: str) -> bool:

@@ -1,6 +1,7 @@
 """FastV on the megatron vanilla model: R = 0 is the vanilla model; the kept image tokens are the top-k of the
-last query's head-averaged attention in layer K-1, computed here by hand from the weights; pruned layers see
-exactly [kept image tokens; text] at their original positions; TP = 2 equals TP = 1."""
+last query's head-averaged attention in layer K-1, computed here by hand from the weights, with the image where
+its id sits in the text (after two text tokens here); pruned layers see exactly the text and the kept image
+tokens at their original positions; TP = 2 equals TP = 1."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ def _model_and_batch(parallel=ParallelConfig(), seed=0):
         for name, p in model.named_parameters():
             if "layernorm" in name or "layer_norm" in name:
                 p.mul_(1 + 0.3 * torch.rand(p.shape, generator=torch.Generator().manual_seed(7)))
-    tokens, _, vision, _ = tiny_batch(batch=2, text_len=6)
+    tokens, _, vision, _ = tiny_batch(batch=2, text_len=6, image_slot=SLOT)
     return model, tokens, vision[:10]  # 10 image tokens keep the hand computation small
+
+
+SLOT = 2  # the image id's place in the text: `<s> USER: <image> ...`
 
 
 @pytest.mark.usefixtures("single_rank")
@@ -43,8 +47,8 @@ def _hand_ranking(model, tokens, vision, k):
     fc1, fc2 = "vision_projection.encoder.linear_fc1", "vision_projection.encoder.linear_fc2"
     image = torch.nn.functional.gelu(vision @ w[fc1 + ".weight"].T + w[fc1 + ".bias"]) @ w[fc2 + ".weight"].T \
         + w[fc2 + ".bias"]  # [N, b, d]
-    text = w["embedding.word_embeddings.weight"][tokens].transpose(0, 1)
-    hidden = torch.cat([image, text], 0)  # [S, b, d]
+    text = w["embedding.word_embeddings.weight"][tokens.clamp(min=0)].transpose(0, 1)
+    hidden = torch.cat([text[:SLOT], image, text[SLOT + 1:]], 0)  # [S, b, d]: the image spliced at its id
     with torch.no_grad():
         for layer in model.decoder.layers[: k - 1]:
             hidden, _ = layer(hidden_states=hidden, attention_mask=None,
@@ -60,7 +64,7 @@ def _hand_ranking(model, tokens, vision, k):
         for h in range(heads):
             qh, kh = rope(q[:, h], lm.rotary_base), rope(key[:, h // (heads // groups)], lm.rotary_base)
             per_head.append(torch.softmax(qh[-1] @ kh.T / hn ** 0.5, -1))
-        ranking.append(torch.stack(per_head).mean(0)[: vision.shape[0]])
+        ranking.append(torch.stack(per_head).mean(0)[SLOT:SLOT + vision.shape[0]])
     return torch.stack(ranking)  # [b, N]
 
 
@@ -72,19 +76,26 @@ def test_kept_tokens_are_the_top_k_of_the_last_query_attention(k):
     logits, kept = fastv_logits(model, tokens, vision, cfg)
     expected = _hand_ranking(model, tokens, vision, k).topk(3, dim=-1).indices.sort(-1).values
     assert kept.tolist() == expected.tolist()
-    # Layers >= K see exactly [kept image tokens; text], each at its original position.
+    # Layers >= K see exactly the text and the kept image tokens, each at its original position; a pruned
+    # token's output is its state entering layer K (the image id's output is the last image token's).
     n, m = vision.shape[0], tokens.shape[1]
+    s = n + m - 1
+    at = [t + (n - 1) * (t >= SLOT) for t in range(m)]
     for b in range(tokens.shape[0]):
-        keep = torch.cat([kept[b], torch.arange(n, n + m)])
+        keep = torch.cat([torch.arange(SLOT), SLOT + kept[b], torch.arange(SLOT + n, s)])
         with torch.no_grad():
-            text = model.embedding(input_ids=tokens[b:b + 1], position_ids=None)
-            hidden = torch.cat([model.vision_projection(vision[:, b:b + 1]), text], 0)
-            freqs = model.rotary_pos_emb(n + m)
+            text = model.embedding(input_ids=tokens[b:b + 1].clamp(min=0), position_ids=None)
+            hidden = torch.cat([text[:SLOT], model.vision_projection(vision[:, b:b + 1]), text[SLOT + 1:]], 0)
+            freqs = model.rotary_pos_emb(s)
             for i, layer in enumerate(model.decoder.layers):
                 if i == k:
+                    entering = hidden.clone()
                     hidden, freqs = hidden[keep], freqs[keep]
                 hidden, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=freqs)
-            expected_logits, _ = model.output_layer(model.decoder.final_layernorm(hidden)[-m:])
+            if k < len(model.decoder.layers):
+                entering[keep] = hidden
+                hidden = entering
+            expected_logits, _ = model.output_layer(model.decoder.final_layernorm(hidden[at]))
         torch.testing.assert_close(logits[b], expected_logits[:, 0], atol=1e-5, rtol=1e-5)
 
 

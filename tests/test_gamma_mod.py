@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from himix_megatron.config import ConfigError, ParallelConfig
-from model_utils import TINY_LM, TINY_VISION, build_tiny, gather_tp, global_names, load_shards, tiny_batch
+from model_utils import TINY_LM, TINY_VISION, build_tiny, gather_tp, global_names, load_shards
+from model_utils import tiny_batch as _tiny_batch
+
+
+def tiny_batch(**kwargs):
+    """Vanilla's text holds the image id, here after a 3-token "system header" (the prefix tests route)."""
+    return _tiny_batch(image_slot=3, **kwargs)
 from multiprocess import run_world
 from reference_himix import rms_norm, rope
 
@@ -76,20 +82,25 @@ def test_routable_span_is_the_image_and_the_system_header(tmp_path):
     from himix_megatron.data import load_tokenizer
     from himix_megatron.data.records import Conversation
     from himix_megatron.data.synthetic import write_word_tokenizer
-    from himix_megatron.data.templates import TemplateConfig, encode_conversation
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX, TemplateConfig, encode_conversation
     from himix_megatron.model.gamma_mod import routable_mask, system_header_ids, system_prefix_lengths
 
     tok = load_tokenizer(write_word_tokenizer(str(tmp_path)))
     header = system_header_ids(tok, "tinyllama", "")
     assert header == (tok.bos_id, *tok.encode("USER:"))  # "<s>USER:" with an empty system prompt
     sample = encode_conversation(Conversation(rounds=(("what", "red"),), has_image=True), tok,
-                                 TemplateConfig("tinyllama", image="remove", system="")).ids
-    assert tuple(sample[: len(header)]) == header  # training text starts with it
-    ids = torch.tensor([sample[:6], [tok.bos_id] + sample[2:7]])  # the second does not start with the header
+                                 TemplateConfig("tinyllama", image="mark", system="")).ids
+    h = len(header)
+    assert tuple(sample[:h]) == header and sample[h] == IMAGE_TOKEN_INDEX  # the image follows the header
+    # Sample 1 does not start with the header and holds its image id later; sample 2 has no image.
+    ids = torch.tensor([sample[:h + 3], [tok.bos_id, 9, 9, 9, IMAGE_TOKEN_INDEX, 9][:h + 3], [tok.bos_id] + [9] * (h + 2)])
     lengths = system_prefix_lengths(ids, header)
-    assert lengths.tolist() == [len(header), 0]
-    mask = routable_mask(2, 4, 6, lengths, "cpu")
-    assert mask.tolist() == [[True] * (4 + len(header)) + [False] * (6 - len(header)), [True] * 4 + [False] * 6]
+    assert lengths.tolist() == [h, 0, 0]
+    n, m = 4, h + 3
+    mask = routable_mask(ids, n, lengths)
+    assert mask.tolist() == [[True] * (h + n) + [False] * (m - h),  # the header, then the image
+                             [False] * 4 + [True] * n + [False] * (m - 4),  # the image where its id was
+                             [False] * (n + m)]
 
 
 # --- one MoD layer by hand -------------------------------------------------------------------------------------
@@ -210,12 +221,16 @@ def test_model_routes_image_and_system_tokens_only():
     # A batch where sample 1 has no image: its text never sees the (placeholder) image block, also inside the
     # MoD layers, whose attention masks are gathered from the model's: changing that image changes nothing.
     present = torch.tensor([True, False])
+    tokens = tokens.clone()
+    tokens[1, 3] = 7  # sample 1 holds no image id
     other = vision.clone()
     other[:, 1] = torch.randn(other[:, 1].shape, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         routable_text = torch.tensor([3, 0])
         a = model(tokens, positions, vision, labels=labels, image_present=present, mod_routable_text=routable_text)
         b = model(tokens, positions, other, labels=labels, image_present=present, mod_routable_text=routable_text)
+        alone = model(tokens[1:], positions[1:], None, labels=labels[1:], mod_routable_text=routable_text[1:])
+    torch.testing.assert_close(a[1], alone[0], atol=1e-5, rtol=0)  # as if it were a text-only batch
     torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)
     assert not torch.allclose(a[1], loss[1].detach())  # and it differs from seeing the image
 

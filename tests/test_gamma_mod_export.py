@@ -8,6 +8,7 @@ import torch
 
 from himix_megatron.checkpoint import ModelDescription, build_model, save_checkpoint
 from himix_megatron.config import ParallelConfig
+from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
 from model_utils import TINY_LM, TINY_VISION, randomize
 
 DESCRIPTION = ModelDescription("vanilla", TINY_LM, TINY_VISION, "tinyllama")
@@ -43,12 +44,16 @@ def test_gamma_mod_export_equals_the_megatron_eval_forward(tmp_path):
     g = torch.Generator().manual_seed(1)
     pixels = torch.randn(2, 3, TINY_VISION.image_size, TINY_VISION.image_size, generator=g)
     tokens = torch.randint(4, TINY_LM.vocab_size, (2, 7), generator=g)
+    tokens[:, 2] = IMAGE_TOKEN_INDEX  # the image after two text tokens (the system header routes with it)
+    n = TINY_VISION.num_features
     model = chunks[0].eval()
     with torch.no_grad():
         features = encoder(pixels)
         ours = model(tokens, torch.arange(7).expand(2, 7), features)[..., :TINY_LM.vocab_size]
-        image = torch.full((2, TINY_VISION.num_features), hf.config.image_token_id)
-        theirs = hf(input_ids=torch.cat([image, tokens], 1), pixel_values=pixels).logits[:, -7:, :TINY_LM.vocab_size]
+        image = torch.full((2, n), hf.config.image_token_id)
+        ids = torch.cat([tokens[:, :2], image, tokens[:, 3:]], 1)
+        at = [t + (n - 1) * (t >= 2) for t in range(7)]
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits[:, at, :TINY_LM.vocab_size]
         torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=2e-4)
         model.mod_router.weight.zero_()  # p = 0.5 everywhere: nothing is skipped
         dense = model(tokens, torch.arange(7).expand(2, 7), features)[..., :TINY_LM.vocab_size]

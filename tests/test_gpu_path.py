@@ -192,42 +192,19 @@ def test_an_empty_vision_tensor_never_reaches_the_vision_kv(single_rank):
                          text_only)
 
 
-def test_vanilla_imageless_samples_as_segments_equal_the_masked_batch(single_rank):
-    """Issue 25 item 5: vanilla on the TE spec took no mask (megatron's SelfAttention passes its spec's causal
-    type), so a mixed unpacked batch raised mid-run. Each sample is now a segment of a packed row ([image; text]
-    or text alone); run here on the local spec against the masked batch, which it must equal."""
-    from model_utils import build_tiny, tiny_batch
-
-    model = build_tiny("vanilla")
-    tokens, positions, vision, labels = tiny_batch(batch=3, text_len=8, seed=5)
-    for present in ((True, False, True), (False, False, False)):
-        results = []
-        for as_segments in (False, True):
-            model.mixed_batches_as_segments = as_segments
-            results.append(_losses_and_grads(model, tokens, positions, vision, labels=labels, image_present=present))
-        _assert_same(*results)
-        with torch.no_grad():  # the logits path too
-            logits = model(tokens, positions, vision, image_present=present)
-            model.mixed_batches_as_segments = False
-            torch.testing.assert_close(logits, model(tokens, positions, vision, image_present=present),
-                                       atol=1e-5, rtol=0)
-
-
 def test_masks_and_columns_come_from_cpu_flags_without_reading_the_device(single_rank):
     """Issue 25 item 6: a mixed batch's mask, segment columns and micro-batch bookkeeping come from the loader's
     CPU copy of the flags. On the meta device any read of a tensor's values raises, as a GPU read would sync."""
     from himix_megatron.model.common import present_columns, present_flags
     from himix_megatron.model.himix_model import mixture_attention_mask
-    from himix_megatron.model.vanilla import vanilla_attention_mask
     from himix_megatron.parallel.pipeline import MicroBatch
 
     flags = (True, False, True)
     assert present_columns(flags, "meta").device.type == "meta"
     assert present_flags(torch.tensor([True, True])) is None and present_flags([1, 0]) == (True, False)
-    for build in (mixture_attention_mask, vanilla_attention_mask):
-        assert build(4, 3, flags, "meta").device.type == "meta"
-        cpu = build(4, 3, flags)
-        assert cpu[1, 0, -4:, :3].all() and not cpu[0, 0, -1].any()  # imageless sample: its text sees no image
+    assert mixture_attention_mask(4, 3, flags, "meta").device.type == "meta"
+    cpu = mixture_attention_mask(4, 3, flags)
+    assert cpu[1, 0, -4:, :3].all() and not cpu[0, 0, -1].any()  # imageless sample: its text sees no image
 
     tokens = torch.zeros(3, 4, dtype=torch.long)
     mb = MicroBatch(tokens, tokens, tokens, tokens.float(), images=torch.zeros(3, 2), image_present=torch.tensor(flags))
@@ -290,7 +267,7 @@ def test_which_te_backends_can_run_thd_segments(capability, te, cudnn, flash, ba
         assert "install flash-attn" in problem and f"compute capability {capability[0]}.{capability[1]}" in problem
 
 
-def test_without_a_thd_backend_packing_and_vanilla_are_refused_and_himix_masks(tmp_path, monkeypatch):
+def test_without_a_thd_backend_packing_is_refused_and_himix_masks(tmp_path, monkeypatch):
     """Issue 25 item 4: on an Ampere GPU without flash-attn under TE 2.9/2.10 no backend runs thd; the trainer
     says so before step 1 for what needs it, naming the flag and the fix, and HiMix falls back to the mask."""
     from himix_megatron.config import ConfigError
@@ -306,8 +283,8 @@ def test_without_a_thd_backend_packing_and_vanilla_are_refused_and_himix_masks(t
     with pytest.raises(ConfigError, match=r"--packing-seq-length: no Transformer Engine attention backend .* install "
                                           r"flash-attn .*; or train unpacked"):
         trainer.thd_attention(cfg("--packing-seq-length", "64"), "himix")
-    with pytest.raises(ConfigError, match=r"--arch vanilla: a micro-batch with a text-only sample .* flash-attn"):
-        trainer.thd_attention(cfg(), "vanilla")
+    assert trainer.thd_attention(cfg(), "vanilla") is False  # unpacked vanilla needs no segments (a text-only
+    # sample holds no image id, and its image columns trail its text)
     assert trainer.thd_attention(cfg(), "himix") is False  # the caller turns mixed_batches_as_segments off
     monkeypatch.setattr(core_attention, "gpu_thd_problem", lambda: None)
     assert trainer.thd_attention(cfg("--packing-seq-length", "64"), "vanilla") is True

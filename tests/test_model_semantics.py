@@ -4,14 +4,15 @@ every text position, imageless samples in a mixed batch see no image, bad X_v sh
 import pytest
 import torch
 
-from model_utils import TINY_LM, TINY_VISION, build_tiny, tiny_batch
+from model_utils import TINY_LM, TINY_VISION, build_tiny, tiny_batch, vanilla_slot
 
 pytestmark = [pytest.mark.usefixtures("single_rank"), pytest.mark.parametrize("arch", ["himix", "vanilla", "uniform", "hierarchical"])]
 
 
 def test_text_token_sees_no_later_text_and_every_vision_token(arch):
     model = build_tiny(arch).eval()
-    tokens, positions, vision, _ = tiny_batch(batch=1, text_len=10)
+    # Vanilla: the image id first, so that every text position comes after the image.
+    tokens, positions, vision, _ = tiny_batch(batch=1, text_len=10, image_slot=vanilla_slot(arch, 0))
     with torch.no_grad():
         base = model(tokens, positions, vision)
         for k in range(1, 10):
@@ -32,18 +33,20 @@ def test_text_token_sees_no_later_text_and_every_vision_token(arch):
 
 def test_imageless_sample_in_mixed_batch_equals_text_only_run(arch):
     model = build_tiny(arch).eval()
-    tokens, positions, vision, _ = tiny_batch()
+    tokens, positions, vision, _ = tiny_batch(image_slot=vanilla_slot(arch))
+    text = tiny_batch()[0][1:]  # vanilla: a sample without an image holds no image id
+    tokens = torch.cat([tokens[:1], text])
     with torch.no_grad():
         mixed = model(tokens, positions, vision, image_present=torch.tensor([True, False]))
-        text_only = model(tokens, positions, None)
-        with_image = model(tokens, positions, vision)
-    torch.testing.assert_close(mixed[1], text_only[1], atol=1e-5, rtol=1e-5)
+        text_only = model(text, positions[1:], None)
+        with_image = model(tokens[:1], positions[:1], vision[:, :1])
+    torch.testing.assert_close(mixed[1], text_only[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[0], with_image[0], atol=1e-5, rtol=1e-5)
 
 
 def test_vision_features_shape_is_checked(arch):
     model = build_tiny(arch)
-    tokens, positions, vision, _ = tiny_batch()
+    tokens, positions, vision, _ = tiny_batch(image_slot=vanilla_slot(arch))
     with pytest.raises(ValueError, match="vision_features must be"):
         model(tokens, positions, vision[..., :-1])
     with pytest.raises(ValueError, match="sequence-first"):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from himix_megatron.config import ParallelConfig
-from himix_megatron.data.packing import segment_params
+from himix_megatron.data.packing import image_slot, segment_params
+from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
 from model_utils import TINY_LM, TINY_VISION, build_rank_chunks, build_tiny, gather_tp, global_names
 from multiprocess import run_world
 
@@ -15,16 +16,23 @@ ARCHS = ["himix", "uniform", "hierarchical", "vanilla"]
 N, D_V = TINY_VISION.num_features, TINY_VISION.hidden_size
 
 
-def make_samples(seed: int, lengths=(5, 11, 3, 8), images=(True, False, True, True)):
-    """Samples of different lengths, one without an image: (tokens [1, M], labels, loss_mask, X_v or None)."""
+def make_samples(seed: int, lengths=(5, 11, 3, 8), images=(True, False, True, True), arch: str = "himix"):
+    """Samples of different lengths, one without an image: (tokens [1, M], labels, loss_mask, X_v or None).
+    Vanilla's text holds an image id per image, at a different place in each sample (its label untrained)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for m, has_image in zip(lengths, images):
+    for i, (m, has_image) in enumerate(zip(lengths, images)):
         ids = torch.randint(1, TINY_LM.vocab_size, (1, m + 1), generator=g)
         mask = (torch.rand(1, m, generator=g) > 0.3).float()
         mask[0, -1] = 1.0
+        labels = ids[:, 1:].clone()
+        if has_image and arch == "vanilla":
+            slot = min(i, m - 1)
+            ids[0, slot] = IMAGE_TOKEN_INDEX
+            if slot:
+                labels[0, slot - 1], mask[0, slot - 1] = 0, 0.0
         vision = torch.randn(N, 1, D_V, generator=g) if has_image else None
-        out.append((ids[:, :-1], ids[:, 1:], mask, vision))
+        out.append((ids[:, :-1], labels, mask, vision))
     return out
 
 
@@ -35,7 +43,8 @@ def pack_samples(samples, pad: int = 0):
     mask = torch.cat([s[2] for s in samples] + [torch.zeros(1, pad)], dim=1)
     lengths = [s[0].shape[1] for s in samples] + ([pad] if pad else [])
     flags = [s[3] is not None for s in samples] + ([False] if pad else [])
-    seg = segment_params(lengths, flags, N)
+    slots = [image_slot(s[0][0], s[3] is not None, "sample") for s in samples] + ([None] if pad else [])
+    seg = segment_params(lengths, flags, N, image_slots=slots if any(k is not None for k in slots) else ())
     vision = [s[3] for s in samples if s[3] is not None]
     features = torch.cat(vision, dim=1) if vision else None
     return tokens, seg.text_positions[None], labels, mask, features, seg
@@ -70,7 +79,7 @@ def packed(model, samples, pad: int = 0):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_equals_one_at_a_time(single_rank, arch):
     model = build_tiny(arch)
-    samples = make_samples(0)
+    samples = make_samples(0, arch=arch)
     want_loss, want_grads = one_at_a_time(model, samples)
     got_loss, got_grads = packed(model, samples, pad=5)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=0)
@@ -83,7 +92,7 @@ def test_packed_equals_one_at_a_time(single_rank, arch):
 def test_no_leakage_across_segments(single_rank, arch):
     """Changing segment 0's image or text changes nothing in the other segments' outputs."""
     model = build_tiny(arch).eval()
-    samples = make_samples(1)
+    samples = make_samples(1, arch=arch)
     tokens, positions, labels, _, features, seg = pack_samples(samples)
     first = samples[0][0].shape[1]
     with torch.no_grad():
@@ -128,7 +137,8 @@ def _rows(arch, pipelined: bool):
     """Four packed micro-batches; under PP every row is padded to one decoder length, as training/data.py does."""
     from himix_megatron.parallel.pipeline import MicroBatch
 
-    groups = [make_samples(10 + k, lengths=(4 + k, 7, 3 + 2 * k), images=(True, k % 2 == 0, True)) for k in range(4)]
+    groups = [make_samples(10 + k, lengths=(4 + k, 7, 3 + 2 * k), images=(True, k % 2 == 0, True), arch=arch)
+              for k in range(4)]
     decoder = lambda g: sum(s[0].shape[1] for s in g) + (N * sum(s[3] is not None for s in g) if arch == "vanilla" else 0)  # noqa: E731
     width = max(decoder(g) for g in groups)
     rows = []

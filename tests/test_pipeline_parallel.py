@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from himix_megatron.config import ParallelConfig
-from model_utils import TINY_VISION, build_rank_chunks, gather_tp, global_names, tiny_batch
+from model_utils import TINY_VISION, build_rank_chunks, gather_tp, global_names, tiny_batch, vanilla_slot
 from multiprocess import run_world
 
 MICROBATCHES = 4
@@ -16,11 +16,13 @@ def _microbatches(arch):
 
     batches = []
     for k in range(MICROBATCHES):
-        tokens, positions, vision, labels = tiny_batch(seed=100 + k)
+        tokens, positions, vision, labels = tiny_batch(seed=100 + k, image_slot=vanilla_slot(arch, 1 + k))
         loss_mask = torch.ones_like(labels, dtype=torch.float)
         loss_mask[:, -2:] = 0  # as padding would: masked tokens must not count
-        # Every other micro-batch has a sample without an image (HiMix only: see pipeline.py).
-        present = torch.tensor([True, k % 2 == 0]) if arch != "vanilla" else None
+        # Every other micro-batch has a sample without an image (for vanilla: without an image id).
+        present = torch.tensor([True, k % 2 == 0])
+        if arch == "vanilla" and k % 2:
+            tokens[1, 1 + k] = 5
         batches.append(MicroBatch(tokens, positions, labels, loss_mask, images=vision, image_present=present))
     return batches
 

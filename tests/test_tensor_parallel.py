@@ -4,13 +4,25 @@ import pytest
 import torch
 
 from himix_megatron.config import ParallelConfig
-from model_utils import build_tiny, gather_tp, load_shards, tiny_batch
+from model_utils import build_tiny, gather_tp, load_shards, tiny_batch, vanilla_slot
 from multiprocess import run_world
+
+
+def _batch(arch, image_present):
+    """Vanilla: the image id at 2 (at 4 in the first sample), none in a sample without an image."""
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
+
+    tokens, positions, vision, labels = tiny_batch(image_slot=vanilla_slot(arch))
+    if arch == "vanilla":
+        tokens[0, 2], tokens[0, 4] = tokens[1, 3], IMAGE_TOKEN_INDEX
+        if image_present is not None:
+            tokens[1, 2] = tokens[1, 3]
+    return tokens, positions, vision, labels.clamp(min=0)
 
 
 def _reference_run(arch, image_present):
     model = build_tiny(arch)
-    tokens, positions, vision, labels = tiny_batch()
+    tokens, positions, vision, labels = _batch(arch, image_present)
     loss = model(tokens, positions, vision, labels=labels, image_present=image_present)
     loss.sum().backward()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -21,7 +33,7 @@ def _reference_run(arch, image_present):
 def _tp_run(arch, parallel, weights, image_present):
     model = build_tiny(arch, parallel, seed=123)  # different init: every weight must come from `weights`
     load_shards(model, weights)
-    tokens, positions, vision, labels = tiny_batch()
+    tokens, positions, vision, labels = _batch(arch, image_present)
     loss = model(tokens, positions, vision, labels=labels, image_present=image_present)
     loss.sum().backward()
     grads = {}

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from himix_megatron.config import ConfigError, ParallelConfig, build_transformer_config, language_model_preset
 from himix_megatron.flops import decoder_cost
-from model_utils import TINY_LM, TINY_VISION, build_tiny, tiny_batch
+from model_utils import TINY_LM, TINY_VISION, build_tiny, tiny_batch, vanilla_slot
 
 pytestmark = pytest.mark.usefixtures("single_rank")
 D, D_V = TINY_LM.hidden_size, TINY_VISION.hidden_size
@@ -51,7 +51,7 @@ def test_shared_key_value_uses_the_text_projection_rows():
 @pytest.mark.parametrize("arch", ["himix", "vanilla", "uniform", "hierarchical"])
 def test_every_parameter_gets_a_gradient(arch):
     model = build_tiny(arch)
-    tokens, positions, vision, labels = tiny_batch()
+    tokens, positions, vision, labels = tiny_batch(image_slot=vanilla_slot(arch))
     model(tokens, positions, vision, labels=labels).mean().backward()
     untrained = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not untrained

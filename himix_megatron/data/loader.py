@@ -53,7 +53,7 @@ from himix_megatron.data.packing import PackingConfig, pack, pack_row
 from himix_megatron.data.records import DataError, SampleError, parse_conversation
 from himix_megatron.data.sampler import SampleOrder, rank_position, rank_stream_length
 from himix_megatron.data.shards import ShardDirectory, ShardReader, ShardSample
-from himix_megatron.data.templates import TemplateConfig, check_tokenizer, encode_conversation, has_target
+from himix_megatron.data.templates import Encoded, TemplateConfig, check_tokenizer, encode_conversation, has_target
 from himix_megatron.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,9 @@ class SampleEncoder:
         enc = self.encode_text(s.record, has_image)
         if enc is None:
             return None
+        # Vanilla: when truncation cut the image id off, the text trains without the image, as the reference
+        # model then splices no image features in (TinyLLaVA's prepare_inputs_labels_for_multimodal).
+        spliced = not (self.template.image == "mark" and self.template.image_token_index not in enc.ids)
         if self.features is not None:
             image = self.features.read(shard, index, s.key)
             if (image is not None) != has_image:
@@ -158,7 +161,8 @@ class SampleEncoder:
                                 " image, the shard says otherwise")
         else:
             image = (load_and_preprocess(s.image, self.image, what=f"{where} image", normalized=self.normalize)
-                     if has_image else None)
+                     if has_image and spliced else None)
+        image = image if spliced else None
         meta = s.record.get("meta")
         return Sample(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.targets, dtype=bool), image,
                       str(s.record.get("id")), meta if isinstance(meta, dict) else {})
@@ -168,6 +172,8 @@ class SampleEncoder:
         conv = parse_conversation(record.get("conversations"), has_image=has_image)
         # --seq-length is the authors' model_max_length: the image placeholder counts as one of its tokens.
         enc = encode_conversation(conv, self.tokenizer, self.template, max_tokens=self.seq_length)
+        if enc.ids and enc.ids[-1] == self.template.image_token_index:  # nothing after it: nothing sees the image
+            enc = Encoded(enc.ids[:-1], enc.targets[:-1])
         return enc if has_target(enc) else None
 
     def text_length(self, record: dict) -> int:

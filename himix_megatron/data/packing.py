@@ -9,9 +9,11 @@ restart at 0 in every segment. A row is a `thd` micro-batch of megatron-core (ba
     keys / values    v_1 .. v_1 t_1 t_1 t_1 | t_2 t_2 | v_3 .. t_3 | pad  cu_seqlens_kv over [v_i ; t_i]
 
 `SegmentParams` is that description. It is made here, next to `collate`, travels in the micro-batch, and
-is read by the core attention (and by the vanilla baseline, whose packed sequence is
-[connector(v_1) ; t_1 ; connector(v_3) ; t_3 ; ...]). Its lengths are also kept as Python ints, so no
-kernel ever syncs with the device to learn them.
+is read by the core attention, and by the vanilla baseline, whose text holds one image id per image
+(`image_slots`): its packed sequence is each segment's text with the slot replaced by connector(v_i), the
+slot token itself moved to the segment's end (a position nothing attends to, which keeps every length as
+HiMix's: m_i + N), e.g. [t_1[:k] ; connector(v_1) ; t_1[k+1:] ; slot ; t_2 ; ...]. Its lengths are also kept
+as Python ints, so no kernel ever syncs with the device to learn them.
 
 Which samples share a row (`plan_rows`): first-fit decreasing over `buffer_size` consecutive samples of
 the rank's stream, rows of at most `seq_length` text tokens and `max_images` images. A row's cost is not
@@ -31,6 +33,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from himix_megatron.data.collate import CollateConfig, Sample, collate
+from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
 
 # Rows are padded to a multiple of this many text tokens by default (FP8 GEMMs need the row count to be a
 # multiple of 8; 8 also keeps the number of distinct shapes small). Sequence parallelism needs 8 x TP.
@@ -71,6 +74,8 @@ class SegmentParams(PackedSeqParams):
     # > 1: the segments are the rows of an unpacked [M, b] batch (one sample each, all of length M), attended
     # to as segments so that imageless samples get no vision keys without a mask (model/himix_model.py).
     batch_rows: int = 1
+    # Vanilla LLaVA: per segment, where its image id (-200) sits in its text, or None; () when the text holds none.
+    image_slots: tuple = ()
 
     @property
     def num_images(self) -> int:
@@ -103,23 +108,41 @@ def _offsets(lengths: Sequence[int]) -> Tensor:
 
 
 def segment_params(text_lengths: Sequence[int], has_image: Sequence[bool], vision_tokens: int,
-                   batch_rows: int = 1) -> SegmentParams:
-    """The full description of a row whose segments have these text lengths and image flags."""
+                   batch_rows: int = 1, image_slots: Sequence[Optional[int]] = ()) -> SegmentParams:
+    """The full description of a row whose segments have these text lengths and image flags; `image_slots`
+    (vanilla): where each segment's image id sits in its text (None for a segment without an image)."""
     text_lengths, has_image = tuple(int(n) for n in text_lengths), tuple(bool(v) for v in has_image)
     if not text_lengths or min(text_lengths) < 1:
         raise ValueError(f"every segment needs at least one text token, got lengths {text_lengths}")
     if any(has_image) and vision_tokens < 1:
         raise ValueError("segments with an image need vision_tokens >= 1")
+    image_slots = tuple(None if k is None else int(k) for k in image_slots)
+    if image_slots and (len(image_slots) != len(text_lengths) or any(
+            (k is not None) != v or (k is not None and not 0 <= k < m)
+            for k, v, m in zip(image_slots, has_image, text_lengths))):
+        raise ValueError(f"image_slots {image_slots}: one position inside its text per segment with an image, "
+                         f"None for the others (lengths {text_lengths}, images {has_image})")
     n = vision_tokens
     vision_total = n * sum(has_image)
     order, text_in_kv, positions = [], [], []
     text_start, image, kv_len = 0, 0, 0
-    for m, v in zip(text_lengths, has_image):
+    for i, (m, v) in enumerate(zip(text_lengths, has_image)):
+        text = torch.arange(vision_total + text_start, vision_total + text_start + m)
+        slot = image_slots[i] if image_slots else None
+        if slot is not None:  # [text before ; image ; text after ; the slot token]
+            order += [text[:slot], torch.arange(image * n, (image + 1) * n), text[slot + 1:], text[slot:slot + 1]]
+            at = torch.arange(m)
+            text_in_kv.append(kv_len + at + (n - 1) * (at >= slot))  # the slot's output: the last image token's
+            image += 1
+            kv_len += n + m
+            positions.append(at)
+            text_start += m
+            continue
         if v:
             order.append(torch.arange(image * n, (image + 1) * n))
             image += 1
             kv_len += n
-        order.append(torch.arange(vision_total + text_start, vision_total + text_start + m))
+        order.append(text)
         text_in_kv.append(torch.arange(kv_len, kv_len + m))
         positions.append(torch.arange(m))
         text_start += m
@@ -130,7 +153,7 @@ def segment_params(text_lengths: Sequence[int], has_image: Sequence[bool], visio
         max_seqlen_q=max(text_lengths), max_seqlen_kv=max(kv_lengths),
         text_lengths=text_lengths, has_image=has_image, vision_tokens=n,
         text_positions=torch.cat(positions), kv_order=torch.cat(order), text_in_kv=torch.cat(text_in_kv),
-        batch_rows=batch_rows,
+        batch_rows=batch_rows, image_slots=image_slots,
     )
 
 
@@ -194,17 +217,21 @@ def pack_row(samples: Sequence[Sample], collate_cfg: CollateConfig, vision_token
 
     The row is padded to a multiple of `row_multiple` by a last, imageless segment of pad tokens that carries
     no loss: it attends only to itself, so it needs no special case in any attention backend (FlashAttention
-    takes no padding between segments). Pipeline stages pad further with `extend_segments`.
+    takes no padding between segments). Pipeline stages pad further with `extend_segments`. Samples whose text
+    holds the image id (vanilla LLaVA) give the segments' `image_slots`.
     """
     parts = [collate([s], replace(collate_cfg, pad_to="longest", pad_multiple=1)) for s in samples]
     lengths = [int(p["lengths"][0]) for p in parts]
     real = sum(lengths)
     width = _round_up(real, row_multiple)
     flags = [bool(p["has_image"][0]) for p in parts]
+    slots = [image_slot(p["tokens"][0], v, s.sample_id) for p, v, s in zip(parts, flags, samples)]
+    slots = slots if any(k is not None for k in slots) else []
     seg_lengths, seg_images = list(lengths), list(flags)
     if width > real:
         seg_lengths.append(width - real)
         seg_images.append(False)
+        slots += [None] * bool(slots)
     pad = width - real
     cat = lambda key, fill, dtype: torch.cat(  # noqa: E731
         [p[key][0] for p in parts] + [torch.full((pad,), fill, dtype=dtype)])[None]
@@ -217,10 +244,20 @@ def pack_row(samples: Sequence[Sample], collate_cfg: CollateConfig, vision_token
         "images": torch.stack(images) if images else torch.empty(shape, dtype=collate_cfg.image_dtype),
         "has_image": torch.tensor(flags, dtype=torch.bool),
         "lengths": torch.tensor(lengths, dtype=torch.long),  # per sample: real text tokens
-        "segments": segment_params(seg_lengths, seg_images, vision_tokens),
+        "segments": segment_params(seg_lengths, seg_images, vision_tokens, image_slots=slots),
         "ids": [i for p in parts for i in p["ids"]],
         "meta": [m for p in parts for m in p["meta"]],
     }
+
+
+def image_slot(tokens: Tensor, has_image: bool, sample_id: str) -> Optional[int]:
+    """Where a sample's image id (vanilla LLaVA) sits in its input tokens; None without one. A sample holds at most
+    one, and only with an image."""
+    at = (tokens == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+    if len(at) > 1 or (at and not has_image):
+        raise ValueError(f"sample {sample_id}: {len(at)} image ids ({IMAGE_TOKEN_INDEX}) in its input tokens "
+                         f"{'with' if has_image else 'without'} an image; a sample holds one per image, at most one")
+    return at[0] if at else None
 
 
 def pack(samples: Sequence[Sample], collate_cfg: CollateConfig, cfg: PackingConfig) -> list[dict]:
@@ -233,4 +270,5 @@ def pack(samples: Sequence[Sample], collate_cfg: CollateConfig, cfg: PackingConf
 
 def extend_segments(segments: SegmentParams, extra: int) -> SegmentParams:
     """The same row with `extra` more pad tokens at its end, as one more imageless segment."""
-    return segment_params(segments.text_lengths + (extra,), segments.has_image + (False,), segments.vision_tokens)
+    return segment_params(segments.text_lengths + (extra,), segments.has_image + (False,), segments.vision_tokens,
+                          image_slots=segments.image_slots + (None,) * bool(segments.image_slots))

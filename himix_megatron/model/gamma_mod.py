@@ -27,8 +27,10 @@ Where this differs, and why:
 - The router may have a bias (`mod_router_bias`, off by default as in the official code).
 - `mod_skip="mlp"` (not the default) is a variant: attention runs for every token at its own position, only the
   MLP for the routed tokens (output x p); a skipped token then skips the MLP only.
-- The routable span is computed per sample: the N image tokens plus the leading text tokens that equal the
-  template's system header (`config.mod_system_prefix`), instead of a constant 1059 positions.
+- The routable span is computed per sample: the N image tokens, wherever the sample's image id put them (after
+  the system header and `USER: ` in the authors' templates), plus the leading text tokens that equal the
+  template's system header (`config.mod_system_prefix`), instead of a constant 1059 positions. A text-only
+  sample has no routable image tokens.
 - Weighting of the aux loss: the LM loss here is the mean over the global batch's label tokens (megatron's
   per-token loss, this trainer's convention); each micro-batch's aux term (coeff x the sum over its MoD
   layers) enters the objective averaged over the global batch's micro-batches, which is how the official
@@ -194,14 +196,20 @@ def routed_tokens(probs: Tensor, routable: Optional[Tensor], *, training: bool, 
     return rank < (s - count + keep)[None]
 
 
-def routable_mask(batch: int, vision_len: int, text_len: int, routable_text: Optional[Tensor],
-                  device) -> Tensor:
-    """[b, N + M] bool: the N image tokens and each sample's first routable_text[i] text tokens."""
-    positions = torch.arange(vision_len + text_len, device=device)[None]
-    limit = torch.full((batch, 1), vision_len, dtype=torch.long, device=device)
+def routable_mask(input_ids: Tensor, vision_len: int, routable_text: Optional[Tensor]) -> Tensor:
+    """[b, N + M] bool over vanilla's spliced sequence (model/vanilla.py: spliced_layout): the N image tokens of
+    each sample that has an image, where its image id put them, and each sample's first routable_text[i]
+    positions (the system header, which precedes the image id)."""
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
+
+    b, m = input_ids.shape
+    positions = torch.arange(vision_len + m, device=input_ids.device)[None]
+    slot = input_ids == IMAGE_TOKEN_INDEX
+    start = slot.int().argmax(1, keepdim=True)
+    mask = slot.any(1, keepdim=True) & (positions >= start) & (positions < start + vision_len)
     if routable_text is not None:
-        limit = limit + routable_text.to(device=device, dtype=torch.long).view(batch, 1)
-    return positions < limit
+        mask |= positions < routable_text.to(device=input_ids.device, dtype=torch.long).view(b, 1)
+    return mask
 
 
 def system_prefix_lengths(input_ids: Tensor, prefix: Optional[Sequence[int]]) -> Optional[Tensor]:

@@ -1,11 +1,19 @@
 """The vanilla LLaVA baseline on the same stack as HiMix (DESIGN.md section 1, issue 3 item 3).
 
     X_v [N, b, d_v] -> connector Linear(d_v, d) -> GELU -> Linear(d, d)        (LLaVA's mlp2x_gelu)
-    decoder input    = [connector(X_v) ; embed(text)]                          [N+M, b, d]
-    decoder          = megatron-core GPTModel, causal over all N+M tokens, RoPE positions 0..N+M-1
+    text ids         = the template's image="mark" ids: one IMAGE_TOKEN_INDEX (-200) where the authors'
+                       `tokenizer_image_token` puts the image (`<s> {system} USER: <IMG> \n {question} ...`)
+    decoder input    = embed(text[:k]) ; connector(X_v) ; embed(text[k+1:])    [M-1+N, b, d]
+    decoder          = megatron-core GPTModel, causal, RoPE positions 0.. over the spliced sequence
 
-The image sits in front of the text because the data pipeline moves the `<image>` placeholder to the front
-of the first question (the LLaVA convention). Loss and returned logits cover the M text positions only.
+This is TinyLLaVA's / LLaVA's splice (transformers' LlavaForConditionalGeneration on the same ids with the image
+id expanded to N image tokens gives the same logits). Each sample's sequence is followed by one spare position
+(the slot token, moved to the end, where nothing attends to it), so a micro-batch is N + M long as before and
+every length rule (pipeline shapes, sequence-parallel and FP8 multiples, packing budgets) is HiMix's plus N per
+image. A text-only sample holds no image id: its text comes first and its (unused) image columns trail it,
+so a mixed batch needs no mask. Loss and returned logits cover the M text positions: position t's output is
+the decoder's at t before the image and t+N-1 after it; the slot's is the last image token's (it predicts the
+token after the image; the template never trains the image id's label).
 
 Why not megatron-core's `LLaVAModel`: its projector is built only together with its vision encoder
 (`add_encoder=True`), so it cannot take the precomputed, frozen SigLIP features that HiMix consumes; it
@@ -36,14 +44,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
 from himix_megatron.config import HiMixTransformerConfig, LanguageModelConfig
-from himix_megatron.data.packing import SegmentParams, segment_params
+from himix_megatron.data.packing import SegmentParams
+from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
 from himix_megatron.model.common import (
     build_connector,
     check_packed_vision_features,
     check_vision_features,
     choose_spec,
     gpt_model_kwargs,
-    present_columns,
     present_flags,
 )
 
@@ -64,15 +72,44 @@ def vanilla_layer_spec(use_te: bool) -> ModuleSpec:
     return dataclasses.replace(gpt, submodules=dataclasses.replace(gpt.submodules, self_attention=attention))
 
 
-def vanilla_attention_mask(text_len: int, vision_len: int, flags: Sequence[bool], device=None) -> Tensor:
-    """[b, 1, S, S] causal mask (True = masked out) where imageless samples' text ignores the image block.
+def spliced_layout(input_ids: Tensor, vision_tokens: int) -> tuple[Tensor, Tensor]:
+    """Where the image goes in each sample's decoder sequence (no device sync).
 
-    `flags`: per-sample image flags as Python bools (`present_flags`), so no device sync."""
-    s = vision_len + text_len
-    mask = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
-    mask = mask.expand(len(flags), 1, s, s).clone()
-    mask[present_columns([not v for v in flags], mask.device), :, vision_len:, :vision_len] = True
-    return mask
+    input_ids [b, M] with at most one IMAGE_TOKEN_INDEX per sample; N = vision_tokens (0: no image). Returns
+    (order [N+M, b]: the index of each decoder position's input in cat([image (N rows), text (M rows)]);
+     text_at [M, b]: the decoder position whose output is text position t's: t before the slot, t+N-1 after it,
+     the slot itself the last image token, whose output predicts the token after the image, as in LLaVA).
+    A sample with a slot at k: text[:k], image, text[k+1:], then the slot token (a trailing position that no
+    other attends to; it keeps the sequence N + M long). A sample without one: its text, then the image.
+    """
+    b, m = input_ids.shape
+    n = vision_tokens
+    t = torch.arange(m, device=input_ids.device)[None]  # [1, M]
+    if n == 0:
+        return t.T.expand(m, b), t.T.expand(m, b)
+    slot = input_ids == IMAGE_TOKEN_INDEX
+    k = torch.where(slot.any(1), slot.int().argmax(1), m)[:, None]  # [b, 1]; M: no slot, the image trails
+    image_at = k + torch.arange(n, device=input_ids.device)[None]  # [b, N]
+    text_at = t + (n - 1) * (t >= k)
+    text_dest = torch.where(t == k, n + m - 1, text_at)  # the slot token goes last
+    order = torch.cat([image_at, text_dest], 1).argsort(1)  # the inverse of "source -> position"
+    return order.T, text_at.T
+
+
+def check_image_slots(input_ids: Tensor, vision_features: Optional[Tensor], flags: Optional[tuple]) -> None:
+    """One image id per sample with an image, none elsewhere. Read only where the ids are on the CPU (the
+    loader checks every sample it builds: data/packing.py's image_slot), so a GPU step never syncs for it."""
+    if input_ids.is_cuda:
+        return
+    counts = (input_ids == IMAGE_TOKEN_INDEX).sum(1).tolist()
+    if vision_features is None:
+        expected = [0] * len(counts)
+    else:
+        expected = [1] * len(counts) if flags is None else [int(bool(v)) for v in flags]
+    if counts != expected:
+        raise ValueError(f"input_ids hold {counts} image ids ({IMAGE_TOKEN_INDEX}) per sample, expected {expected}: "
+                         "vanilla LLaVA takes one where each sample's image goes (the template's image='mark' "
+                         "ids) and none in a sample without an image (vision_features / image_present)")
 
 
 class VanillaLLaVAModel(GPTModel):
@@ -108,23 +145,18 @@ class VanillaLLaVAModel(GPTModel):
             from himix_megatron.model.gamma_mod import attach_router
 
             self.mod_router = attach_router(self)
-        # A batch where some samples lack an image: megatron's SelfAttention hands TE its spec's causal mask
-        # type, so an explicit mask would be ignored there. On TE each sample becomes a segment of a packed
-        # row instead ([image; text] or text alone), as HiMixModel does; the local spec keeps the mask.
-        self.mixed_batches_as_segments = self.use_te
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, vision_features: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, image_present: Union[Tensor, Sequence[bool], None] = None,
                 decoder_input: Optional[Tensor] = None, packed_seq_params: Optional[SegmentParams] = None,
                 mod_routable_text: Optional[Tensor] = None) -> Tensor:
         """
-        input_ids, position_ids, labels: [b, M] text only (no image placeholder).
-        vision_features: [N, b, d_v] raw encoder features, or None for a text-only batch (N = 0).
-            Later pipeline stages need it (or a tensor of its shape) only when image_present is given.
-        image_present: optional per-sample flags ([b] bools, best the loader's CPU copy: see HiMixModel).
-        packed_seq_params: a packed row (b = 1, data/packing.py); vision_features is then [N, images, d_v] and
-            the sequence is [connector(v_1); t_1; connector(v_2); t_2; ...], causal per segment, positions
-            restarting in every segment.
+        input_ids, position_ids, labels: [b, M] text with one IMAGE_TOKEN_INDEX per sample that has an image.
+        vision_features: [N, b, d_v] raw encoder features, or None for a text-only batch (N = 0); later pipeline
+            stages take None and learn N from the sequence they receive.
+        image_present: optional per-sample flags ([b] bools); only checked against the image ids.
+        packed_seq_params: a packed row (b = 1, data/packing.py, with `image_slots`); vision_features is then
+            [N, images, d_v]; each segment is spliced as above, causal per segment, positions restarting.
         mod_routable_text: gamma-MoD, [b]: how many leading text tokens (the system prompt) MoD layers may skip
             in training, besides the image; default: those equal to config.mod_system_prefix.
         Returns per-token loss [b, M] when labels are given, else text logits [b, M, V].
@@ -133,75 +165,66 @@ class VanillaLLaVAModel(GPTModel):
             if self.mod_router is not None:
                 raise NotImplementedError("gamma-MoD does not take packed sequences")
             return self._packed_forward(input_ids, vision_features, labels, decoder_input, packed_seq_params)
-        text_len = labels.shape[1] if labels is not None else input_ids.shape[1]
-        flags = present_flags(image_present) if vision_features is not None else None
-        if flags is not None and self.mixed_batches_as_segments:
-            if self.mod_router is not None:
-                raise NotImplementedError("gamma-MoD on the Transformer Engine spec needs every sample of a "
-                                          "micro-batch to have an image (MoD routes within one sample's sequence)")
-            return self._segments_forward(input_ids, vision_features, labels, decoder_input, flags)
+        b, m = input_ids.shape
         if self.pre_process and decoder_input is None:
-            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [M, b, d]
+            check_image_slots(input_ids, vision_features, present_flags(image_present))
+            n = 0 if vision_features is None else vision_features.shape[0]
+            order, text_at = spliced_layout(input_ids, n)
+            decoder_input = self.embedding(input_ids=input_ids.clamp(min=0), position_ids=position_ids)  # [M, b, d]
             if vision_features is not None:
-                check_vision_features(vision_features, self.config.vision_hidden_size, input_ids.shape[0])
+                check_vision_features(vision_features, self.config.vision_hidden_size, b)
                 image = self.vision_projection(vision_features.to(decoder_input.dtype))
                 decoder_input = torch.cat([image, decoder_input], dim=0)
+                decoder_input = decoder_input.gather(0, order[..., None].expand(-1, -1, decoder_input.shape[-1]))
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
-        attention_mask = None
-        if flags is not None:
-            attention_mask = vanilla_attention_mask(text_len, vision_features.shape[0], flags, vision_features.device)
-        self._text_positions = slice(-text_len, None)
+            length = n + m
+        else:  # a later pipeline stage: N from the length of the sequence it receives
+            arriving = decoder_input if decoder_input is not None else self.decoder.input_tensor
+            length = arriving.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
+            n = length - m
+            _, text_at = spliced_layout(input_ids, n)
+        self._text_at = text_at
         extra = None
         if self.mod_router is not None and self.training:  # MoD routing mask (gamma_mod.py: context_mask)
             from himix_megatron.model.gamma_mod import routable_mask, system_prefix_lengths
 
-            length = (decoder_input if self.pre_process else self.decoder.input_tensor).shape[0]
             if mod_routable_text is None:
                 mod_routable_text = system_prefix_lengths(input_ids, self.config.mod_system_prefix)
-            extra = {"context_mask": routable_mask(input_ids.shape[0], length - text_len, text_len,
-                                                   mod_routable_text, input_ids.device)}
-        output = super().forward(None, None, attention_mask, decoder_input=decoder_input, labels=labels,
+            extra = {"context_mask": routable_mask(input_ids, n, mod_routable_text)}
+        output = super().forward(None, None, None, decoder_input=decoder_input, labels=labels,
                                  extra_block_kwargs=extra)
         if labels is None and self.post_process:
-            return output[:, self._text_positions]
+            return _take_text(output.transpose(0, 1), text_at).transpose(0, 1)
         return output
-
-    def _segments_forward(self, input_ids, vision_features, labels, decoder_input, flags) -> Tensor:
-        """An unpacked [b, M] batch with imageless samples as one packed row of b segments: [image; text] for a
-        sample with an image, its text alone otherwise (RoPE is relative, so a text-only segment's positions
-        starting at 0 instead of N change nothing). Outputs come back as [b, M(, V)]."""
-        if not self.pre_process or decoder_input is not None:
-            raise NotImplementedError("vanilla LLaVA under pipeline parallelism needs every sample to have an image")
-        b, m = input_ids.shape
-        check_vision_features(vision_features, self.config.vision_hidden_size, b)
-        if len(flags) != b:
-            raise ValueError(f"image_present has {len(flags)} flags for {b} samples")
-        segments = segment_params([m] * b, flags, vision_features.shape[0]).to(vision_features.device)
-        features = None
-        if any(flags):  # never an empty [N, 0, d_v] into the connector (TE rejects zero-element inputs)
-            features = vision_features.index_select(1, present_columns(flags, vision_features.device))
-        output = self._packed_forward(input_ids.reshape(1, b * m), features,
-                                      None if labels is None else labels.reshape(1, b * m), None, segments)
-        return output.reshape(b, m, *output.shape[2:])
 
     def _packed_forward(self, input_ids, vision_features, labels, decoder_input, packed: SegmentParams) -> Tensor:
         if self.pre_process and decoder_input is None:
-            text = self.embedding(input_ids=input_ids, position_ids=None)  # [T, 1, d]
+            text = self.embedding(input_ids=input_ids.clamp(min=0), position_ids=None)  # [T, 1, d]
             if vision_features is not None:
                 check_packed_vision_features(vision_features, self.config.vision_hidden_size, packed)
+                if not input_ids.is_cuda and packed.num_images and len(packed.image_slots) != len(packed.has_image):
+                    raise ValueError("a packed row with images needs its segments' image_slots (where each image id "
+                                     "sits: data/packing.py's pack_row gives them)")
                 image = self.vision_projection(vision_features.to(text.dtype))  # [N, images, d]
                 text = torch.cat([image.transpose(0, 1).reshape(-1, 1, image.shape[-1]), text])
             decoder_input = text[packed.kv_order]
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
-        self._text_positions = packed.text_in_kv
+        self._text_at = packed.text_in_kv[:, None]
         output = super().forward(None, None, None, decoder_input=decoder_input, labels=labels,
                                  packed_seq_params=packed.square())
         if labels is None and self.post_process:
-            return output[:, self._text_positions]
+            return _take_text(output.transpose(0, 1), self._text_at).transpose(0, 1)
         return output
 
     def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
         # logits [S, b, V] over the whole sequence: the loss covers its text positions only.
-        return super().compute_language_model_loss(labels, logits[self._text_positions])
+        return super().compute_language_model_loss(labels, _take_text(logits, self._text_at))
+
+
+def _take_text(logits: Tensor, text_at: Tensor) -> Tensor:
+    """logits [S, b, V] -> [M, b, V] at the decoder positions text_at [M, b]."""
+    s, b = logits.shape[:2]
+    rows = text_at * b + torch.arange(b, device=text_at.device)[None]
+    return logits.reshape(s * b, -1).index_select(0, rows.reshape(-1)).view(*text_at.shape, -1)

@@ -15,7 +15,8 @@ cost M * b * d per stage boundary, 64 x 4096 x 2 bytes = 0.5 MB per sample for V
 price is holding every micro-batch's X_v for the step: 1.68 MB per sample.
 
 The vanilla baseline needs X_v only on the first stage, where the connector turns it into the image
-tokens of the sequence, so it skips the broadcast.
+tokens of the sequence, so it skips the broadcast; later stages find the image's place from the image id in
+the text ids every stage reads (a sample without an image holds none, so mixed micro-batches need nothing more).
 
 gamma-MoD (model/gamma_mod.py) needs two things around a training step: the aux loss's gradient weight per
 micro-batch, and the sum of the router copies' gradients over the stages; `forward_backward` does both.
@@ -180,9 +181,6 @@ def forward_backward(
     config = model.config
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-    mixed = any(mb.present is not None for mb in microbatches)
-    if mixed and not model.vision_on_every_stage and pipelined:
-        raise NotImplementedError("vanilla LLaVA under pipeline parallelism needs every sample to have an image")
     lengths = {decoder_length(mb, model, vision_tokens) for mb in microbatches}
     if pipelined and len(lengths) > 1:
         raise ValueError(f"pipeline parallelism needs one decoder length per step, got {sorted(lengths)} "

@@ -2,8 +2,8 @@
 
 Every rank of a model-parallel group reads the same samples (its data-parallel rank's share), so
 tensor-parallel ranks see identical inputs and the last pipeline stage has the labels, without a
-broadcast. The image never enters the text for any arch: HiMix reads it by attention, and the
-vanilla model puts the connector output in front of the text itself (the LLaVA convention).
+broadcast. HiMix's text holds no image (it reads the image by attention); vanilla LLaVA's holds one image id
+where the authors' template puts it (`image="mark"`), which the model replaces by the connector output.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def _specs(values: list, flag: str) -> tuple[DatasetSpec, ...]:
 
 def loader_config(cfg: TrainConfig, template: str, vision: VisionModelConfig, *, valid: bool = False,
                   num_samples: Optional[int] = None, packing: Optional[PackingConfig] = None,
-                  group: Optional[int] = None) -> LoaderConfig:
+                  group: Optional[int] = None, arch: Optional[str] = None) -> LoaderConfig:
     """Images are preprocessed for encoder `vision` (`image_config_for`). With `packing`, each loader item is one
-    step's rows, packed from `group` samples (global batch / DP)."""
+    step's rows, packed from `group` samples (global batch / DP). `arch` (default --arch; the checkpoint's with
+    --load) chooses the image's place in the text (`TemplateConfig.for_arch`)."""
     return LoaderConfig(
         datasets=_specs(cfg.valid_data_path if valid else cfg.data_path,
                         "--valid-data-path" if valid else "--data-path"),
@@ -50,7 +51,7 @@ def loader_config(cfg: TrainConfig, template: str, vision: VisionModelConfig, *,
         pad_to="seq_length" if cfg.pad_to_seq_length else "longest",
         pad_multiple=row_multiple(cfg),
         packing=packing,
-        template=TemplateConfig(template, image="remove", system=cfg.system_prompt),
+        template=TemplateConfig.for_arch(template, arch or cfg.arch, system=cfg.system_prompt),
         image=image_config_for(vision, cfg.image_aspect_ratio),
         seed=cfg.seed,
         shuffle=not valid,
@@ -71,7 +72,7 @@ def train_iters(cfg: TrainConfig, global_batch_size: int, dp: int, tokenizer, te
         return cfg.train_iters
     samples = cfg.train_samples
     if samples is None:  # --train-epochs: the length of one pass over the blend
-        probe = ShardLoader(loader_config(cfg, template, description.vision), tokenizer,
+        probe = ShardLoader(loader_config(cfg, template, description.vision, arch=description.arch), tokenizer,
                             rank=0, world_size=dp)
         samples = int(math.ceil(cfg.train_epochs * probe.epoch_length))
     iters = math.ceil(samples / global_batch_size)
@@ -126,7 +127,7 @@ def build_train_loader(run) -> ShardLoader:
     packing = packing_config(cfg, run.description.vision.num_features)
     loader_cfg = loader_config(cfg, run.template, run.description.vision,
                                num_samples=run.train_iters * run.global_batch_size, packing=packing,
-                               group=run.global_batch_size // world)
+                               group=run.global_batch_size // world, arch=run.description.arch)
     features = vision_feature_store(cfg, run.description.vision, run.encoder)
     if features is not None:
         loader_cfg = replace(loader_cfg, vision_features=features)
@@ -150,7 +151,7 @@ def build_valid_loader(run, paths: list, eval_iters: Optional[int]) -> ShardLoad
     """One ordered pass over the validation data, in whole global batches (the pipeline needs fixed shapes)."""
     rank, world = _data_parallel()
     cfg = run.cfg
-    probe = loader_config(cfg, run.template, run.description.vision, valid=True)
+    probe = loader_config(cfg, run.template, run.description.vision, valid=True, arch=run.description.arch)
     length = ShardLoader(probe, run.tokenizer, rank=0, world_size=world).epoch_length
     per_step = cfg.micro_batch_size * world
     samples = (length // per_step) * per_step
@@ -160,7 +161,7 @@ def build_valid_loader(run, paths: list, eval_iters: Optional[int]) -> ShardLoad
         raise ConfigError(f"--valid-data-path holds {length} samples, fewer than micro batch x DP = {per_step}")
     packing = packing_config(cfg, run.description.vision.num_features)
     cfg_valid = loader_config(cfg, run.template, run.description.vision, valid=True, num_samples=samples,
-                              packing=packing, group=run.global_batch_size // world)
+                              packing=packing, group=run.global_batch_size // world, arch=run.description.arch)
     return ShardLoader(cfg_valid, run.tokenizer, rank=rank, world_size=world)
 
 

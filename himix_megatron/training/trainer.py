@@ -118,8 +118,9 @@ def check_gpu(cfg: TrainConfig) -> None:
 
 def thd_attention(cfg: TrainConfig, arch: str) -> bool:
     """Whether the TE spec's attention can run `thd` segments on this GPU (True off the TE spec: the local
-    packed attention always can). Packing needs them, and so does vanilla's mixed unpacked batch; refused
-    before step 1 with the fix where no backend can (core_attention.thd_backends)."""
+    packed attention always can). Packing needs them; refused before step 1 with the fix where no backend can
+    (core_attention.thd_backends). Vanilla's unpacked batches need neither segments nor a mask (a text-only
+    sample holds no image id: model/vanilla.py)."""
     from himix_megatron.model.core_attention import gpu_thd_problem, te_available
 
     if not (torch.cuda.is_available() and te_available()):
@@ -130,8 +131,7 @@ def thd_attention(cfg: TrainConfig, arch: str) -> bool:
     if cfg.packing_seq_length is not None:
         raise ConfigError(f"--packing-seq-length: {problem}; or train unpacked (drop --packing-seq-length)")
     if arch == "vanilla":
-        raise ConfigError(f"--arch vanilla: a micro-batch with a text-only sample attends through thd segments on "
-                          f"Transformer Engine, and {problem}")
+        return False
     log.warning("%s; HiMix attends to micro-batches with text-only samples through an explicit mask instead "
                 "(TE's unfused backend: slower)", problem)
     return False

@@ -58,6 +58,72 @@ def test_segment_params_by_hand():
     assert extend_segments(p, 3).text_lengths == (3, 2, 2, 3)
 
 
+def test_segment_params_with_image_slots_by_hand():
+    """Vanilla: each segment's image id is replaced by its N image tokens where it sits, the id itself moved to the
+    segment's end; lengths stay m + N, and the id's output is the last image token's."""
+    p = segment_params([4, 2, 3], [True, False, True], vision_tokens=2, image_slots=[1, None, 0])
+    assert p.cu_seqlens_kv.tolist() == [0, 6, 8, 13] and p.seqlens_kv == (6, 2, 5)
+    # keys index cat([image 0 (0, 1), image 1 (2, 3), text (4..12)])
+    assert p.kv_order.tolist() == [4, 0, 1, 6, 7, 5, 8, 9, 2, 3, 11, 12, 10]
+    assert p.text_in_kv.tolist() == [0, 2, 3, 4, 6, 7, 9, 10, 11]
+    assert p.text_positions.tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2]
+    assert extend_segments(p, 3).image_slots == (1, None, 0, None)
+    with pytest.raises(ValueError, match=r"image_slots \(1, 0, 0\): one position inside its text per segment"):
+        segment_params([4, 2, 3], [True, False, True], vision_tokens=2, image_slots=[1, 0, 0])
+    with pytest.raises(ValueError, match="image_slots"):
+        segment_params([4, 2, 3], [True, False, True], vision_tokens=2, image_slots=[4, None, 0])
+
+
+def test_pack_row_finds_each_samples_image_id():
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
+
+    cfg = CollateConfig(seq_length=32, pad_id=0, image_size=8)
+    samples = [_sample(5, True, 1), _sample(7, False, 2), _sample(3, True, 3)]
+    samples[0].ids[2] = samples[2].ids[0] = IMAGE_TOKEN_INDEX
+    row = pack_row(samples, cfg, vision_tokens=4)
+    assert row["segments"].image_slots == (2, None, 0, None)  # the last segment pads the row to 16
+    samples[1].ids[3] = IMAGE_TOKEN_INDEX
+    with pytest.raises(ValueError, match=r"sample id2: 1 image ids \(-200\) in its input tokens without an image"):
+        pack_row(samples, cfg, vision_tokens=4)
+
+
+def test_vanilla_loader_marks_the_image_and_drops_an_image_truncation_cut_off(uniform_shards, sp_tok, helpers):
+    """The loader of a vanilla run keeps one image id where the template puts it (after `USER: `), none in a
+    text-only sample; when --seq-length cuts the image id off (or leaves it last), the sample trains as text."""
+    from himix_megatron.data import TemplateConfig
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
+    from himix_megatron.training import data as training_data
+    from himix_megatron.training.config import TrainConfig
+
+    mark = TemplateConfig("tinyllama", image="mark", system="")
+    batch = next(iter(ShardLoader(helpers.loader_config(uniform_shards, template=mark, shuffle=False,
+                                                        micro_batch_size=3), sp_tok)))
+    slots = (batch["tokens"] == IMAGE_TOKEN_INDEX).sum(1).tolist()
+    assert slots == [int(v) for v in batch["has_image"].tolist()] == [1, 1, 0]
+    header = sp_tok.encode_chunk("USER: ")[0]
+    assert batch["tokens"][0, :len(header) + 1].tolist() == header + [IMAGE_TOKEN_INDEX]
+    # The image in the second question: a --seq-length that ends before it, or right after it, keeps the first
+    # answer and no image.
+    from himix_megatron.data.image import ImageConfig
+    from himix_megatron.data.loader import SampleEncoder
+    from himix_megatron.data.shards import ShardSample
+    from conftest import conv, png_bytes
+
+    record = {"id": "x", "has_image": True, "conversations": conv("Hello?", "Hi.", "<image>\nAnd this?", "A dog.")}
+    sample = ShardSample("x", record, png_bytes(), "png")
+    full = SampleEncoder(sp_tok, mark, ImageConfig(size=16), 200)(sample, "x")
+    at = list(full.ids).index(IMAGE_TOKEN_INDEX)
+    assert full.image is not None and at > len(header) + 3
+    for seq_length in (at, at + 1):  # the image id cut off; the image id last
+        short = SampleEncoder(sp_tok, mark, ImageConfig(size=16), seq_length)(sample, "x")
+        assert short.image is None and IMAGE_TOKEN_INDEX not in short.ids and list(short.ids) == list(full.ids[:at])
+    # The trainer's loader chooses the placement by arch.
+    cfg = TrainConfig(data_path=[uniform_shards], tokenizer_model="t", template="tinyllama", arch="vanilla")
+    vision = __import__("himix_megatron.config", fromlist=["x"]).vision_model_preset("tiny")
+    assert training_data.loader_config(cfg, "tinyllama", vision).template.image == "mark"
+    assert training_data.loader_config(cfg, "tinyllama", vision, arch="himix").template.image == "remove"
+
+
 def _sample(n, image, seed):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 50, n + 1)
