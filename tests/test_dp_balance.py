@@ -115,3 +115,38 @@ def test_balanced_and_round_robin_runs_are_the_same_training(varied):
                 torch.testing.assert_close(weight, b["weights"][name], atol=1e-5, rtol=1e-4,
                                            msg=f"{layout} DP={dp} rank {rank} {name}")
     assert all(g > 1 for g in gains), gains
+
+
+def test_the_log_line_and_tensorboard_show_the_imbalance(tmp_path, capsys):
+    from test_wandb import tensorboard_scalars
+
+    from himix_megatron.training.metrics import MetricsLogger
+
+    metrics = MetricsLogger(rank=0, total_iters=2, start_iter=0, world_size=1, peak_flops=None,
+                            tensorboard_dir=str(tmp_path), progress=False, log_interval=2)
+    for iteration, planned, measured in ((1, 1.3, 1.5), (2, 1.1, None)):
+        metrics.data_parallel_balance(planned, measured)
+        metrics.step(iteration, loss_sum=2.0, label_tokens=4, text_tokens=10, samples=2, grad_norm=1.0,
+                     skipped=False, lr=1e-3, loader_stats={"skipped": 0, "dropped": 0})
+    metrics.close()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith("| DP imbalance 1.200 | DP time spread 1.500"), line
+    scalars = tensorboard_scalars(tmp_path)[2]
+    assert scalars["train/dp_imbalance"] == pytest.approx(1.2) and scalars["train/dp_time_spread"] == 1.5
+
+
+def test_forward_backward_time_stops_where_the_gradient_reduction_starts():
+    import time
+    from types import SimpleNamespace
+
+    from himix_megatron.training.dp_timing import ForwardBackwardTimer
+
+    calls = []
+    config = SimpleNamespace(finalize_model_grads_func=lambda *a, **k: calls.append(a))
+    original = config.finalize_model_grads_func
+    with ForwardBackwardTimer(config) as timer:
+        time.sleep(0.05)  # forward-backward
+        config.finalize_model_grads_func("chunks")
+        time.sleep(0.3)  # the reduction, waiting for the slowest rank: not this rank's work
+    assert calls == [("chunks",)] and config.finalize_model_grads_func is original
+    assert 0.05 <= timer.seconds < 0.3
