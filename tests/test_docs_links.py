@@ -85,3 +85,14 @@ def test_front_page_holds_the_two_commands():
     for command in ("make demo", "make test"):
         assert f"\n{command} " in readme, command
     assert len(readme.split("\n")) < 120, "the front page stays short; details go to docs/"
+
+
+def test_export_help_and_the_evaluation_page_agree_on_lmms_eval():
+    """tools/convert_checkpoint.py's export help (its layouts text) and docs/evaluation.md name the same lmms-eval
+    models for the two exports, and neither says lmms-eval needs a HiMix entry of its own."""
+    help_text = " ".join((ROOT / "tools" / "convert_checkpoint.py").read_text().split())
+    page = " ".join((ROOT / "docs" / "evaluation.md").read_text().split())
+    for text in (help_text, page):
+        assert "--model huggingface --model_args pretrained=" in text and "trust_remote_code=True" in text
+        assert "--model llava_hf --model_args pretrained=" in text and "make test-lmms-eval" in text
+        assert "lmms-eval and VLMEvalKit have no HiMix entry" not in text

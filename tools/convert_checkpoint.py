@@ -32,14 +32,18 @@ layouts:
        edge, centre crop, OpenAI mean / std; the loader's preprocessing), the tower a
        SiglipVisionModel or CLIPVisionModel as the checkpoint's encoder is. Loads in transformers with
        AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) and generates
-       (pixel_values=...). lmms-eval and VLMEvalKit have no HiMix entry: each needs a small model
-       wrapper around that call.
+       (pixel_values=...). AutoProcessor gives its HiMixProcessor, whose chat_template.jinja is the
+       checkpoint's template with its recorded system prompt as the default, so lmms-eval (>= 0.7.1)
+       runs it with no wrapper: --model huggingface --model_args pretrained=DIR,trust_remote_code=True
+       (make test-lmms-eval checks prompts and answers against himix-eval's; docs/evaluation.md).
+       VLMEvalKit has no HiMix entry: it needs a small model wrapper around that call.
        arch vanilla: transformers' own LlavaForConditionalGeneration (no remote code) with a
        LlavaProcessor, in the on-disk layout transformers 4 and 5 both read (that of the llava-hf
        releases); a SigLIP or CLIP vision_config, vision_feature_layer -2, strategy "default" (the
-       first token dropped: SigLIP's first patch, CLIP's class token). Serves transformers and
-       lmms-eval's `llava_hf` model type directly; VLMEvalKit needs a config entry pointing one of
-       its LLaVA-HF model classes at the directory.
+       first token dropped: SigLIP's first patch, CLIP's class token), and the training template as
+       the processor's chat template. Serves transformers and lmms-eval's `llava_hf` model type
+       directly (--model llava_hf --model_args pretrained=DIR, no --force_simple); VLMEvalKit needs a
+       config entry pointing one of its LLaVA-HF model classes at the directory.
        With --fastv-k/--fastv-r: remote code instead (model_type "llava_baselines",
        modeling_llava_baselines.py), loaded with trust_remote_code=True; himix-eval reads it too.
   arch uniform / hierarchical (the paper's ablations) have no HF model and are refused.
