@@ -9,15 +9,17 @@ documented implementation, and tests/eval/test_scoring.py checks it on hand-work
   rules the evaluation server applies) on a prediction the EvalAI processor has already normalised, as LLaVA's
   `convert_vqav2_for_submission.py` submits it. When the ten human answers (tabs and newlines to spaces,
   stripped) are not all equal, vqaEval gives them and the prediction its punctuation and digit/article rules;
-  when they are all equal, it compares the prediction with them as they are ("10:30" against ten "10:30" scores
-  100 although the rules would make the prediction "10 30"). vqa_normalize.py says what changed from its 2015
-  revision.
+  when they are all equal, it compares the prediction with them as they are (a prediction "10-30", which EvalAI
+  makes "10 30", scores 0 against ten "10-30" and 100 against nine "10-30" and one "10 30"; an answer record
+  equal to another, without distinct answer_id, leaves the subsets with it). vqa_normalize.py says what changed
+  from its 2015 revision.
 * TextVQA: the TextVQA evaluator LLaVA's `eval_textvqa.py` uses (MMF's `TextVQAAccuracyEvaluator`): the EvalAI
   processor on prediction and human answers alike. Both VQA scores average min(1, matches / 3) over the ten
   leave-one-out subsets of the human answers: one match scores 0.3, two 0.6, three 0.9, four or more 1. Both
   are computed with the originals' float operations in their order, so every per-question score and every
   aggregate equals theirs to the last bit (tests/eval/test_vqa_golden.py).
-* GQA: LLaVA's `convert_gqa_for_eval.py` (trailing periods off, lowercase) and GQA's `eval.py` (exact match).
+* GQA: LLaVA's `convert_gqa_for_eval.py` (trailing periods off, lowercase) and GQA's `eval.py` (exact match, over
+  the questions whose `isBalanced` is true).
 * POPE (pope.py): LLaVA's `eval_pope.py`. MME (mme.py): MME's `eval_tool/calculation.py`. MMMU (mmmu.py):
   MMMU's `eval/eval_utils.py`.
 * MM-Vet is graded by GPT-4 on its server: `mmvet_submission` writes the file its grader reads.
