@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from himix_megatron.config import ParallelConfig
 from himix_megatron.convert.layout import ConversionError
+from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
 from himix_megatron.hf import TESTED_TRANSFORMERS, TESTED_TRANSFORMERS_KEY
 from model_utils import randomize_hf, set_model_field
 from multiprocess import run_world
@@ -215,13 +216,15 @@ def test_vanilla_export_matches_transformers_llava(hf, converted):
     model, info = LlavaForConditionalGeneration.from_pretrained(exported, output_loading_info=True)
     assert not any(info.values()), info
     tokens, _ = _text_batch(300, seed=7)
+    tokens[:, 3] = IMAGE_TOKEN_INDEX  # training's ids: the image where the template put it
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(8))
     ours = _megatron_logits(ckpt, tokens, pixels)
     n = 15  # (56 / 14)^2 patches, the first dropped
-    ids = torch.cat([torch.full((2, n), image_id), tokens], dim=1)
+    ids = torch.cat([tokens[:, :3], torch.full((2, n), image_id), tokens[:, 4:]], dim=1)
+    at = [t + (n - 1) * (t >= 3) for t in range(tokens.shape[1])]  # the image id's output: the last image token's
     with torch.no_grad():
-        theirs = model.eval()(input_ids=ids, pixel_values=pixels).logits[:, n:, :300]
-        other_image = model(input_ids=ids, pixel_values=-pixels).logits[:, n:, :300]
+        theirs = model.eval()(input_ids=ids, pixel_values=pixels).logits[:, at, :300]
+        other_image = model(input_ids=ids, pixel_values=-pixels).logits[:, at, :300]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     assert (theirs - other_image).abs().max() > 1e-3  # the image really reached the text
     # The processor expands one <image> into exactly the features the model produces, and preprocesses

@@ -207,10 +207,6 @@ def test_huggingface_model_on_a_himix_export(exports, data, name):
     assert answers == expected and any(answers)
 
 
-# Strict: the commit that gives the vanilla export its chat template (convert/hf_export.py) removes this mark; with
-# that change in place (uncommitted, as this was written) the test passes.
-@pytest.mark.xfail(strict=True, reason="the vanilla export ships no processor chat template yet (llava_hf: 'Cannot use "
-                   "apply_chat_template because this processor does not have a chat template')")
 def test_llava_hf_model_on_a_vanilla_export(exports, data):
     from lmms_eval.models.chat.llava_hf import LlavaHf
 

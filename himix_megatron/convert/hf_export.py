@@ -34,7 +34,9 @@ system prompt as the default) as a Jinja chat template: `processor.apply_chat_te
 add_generation_prompt=True)` and then `processor(text=..., images=...)` give exactly the ids of
 `himix_megatron.data.templates.generation_prompt` (checked during the export on sample questions, with the
 recorded, another and an empty system prompt), so generic harnesses (lmms-eval's `huggingface` model) prompt
-it as it was trained. The vanilla export keeps the LlavaProcessor and the source's chat template.
+it as it was trained. The vanilla export's LlavaProcessor gets the same kind of chat_template.jinja, checked the
+same way through the processor (which expands `<image>` to the N image tokens where training's image id sat), so
+lmms-eval's `llava_hf` prompts it as it was trained, without `--force_simple`.
 
 config.json records `himix_tested_transformers`, the range of transformers releases the export is tested with
 (himix_megatron/hf's TESTED_TRANSFORMERS).
@@ -76,7 +78,7 @@ _JINJA_COMMON = r"""{%- macro himix_text(message) -%}
 {%- macro himix_question(message) -%}
 {%- set images = 0 if message['content'] is string else
     message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}
-{%- if images -%}{{ ('<image>' * images + '\n' + himix_text(message)) | trim }}{%- else -%}{{ himix_text(message) }}{%- endif -%}
+{%- if images -%}{{ ('<image>' * images + {AFTER_IMAGE} + '\n' + himix_text(message)) | trim }}{%- else -%}{{ himix_text(message) }}{%- endif -%}
 {%- endmacro -%}
 {%- if messages and messages[0]['role'] == 'system' -%}
 {%- set system = himix_text(messages[0]) -%}{%- set turns = messages[1:] -%}
@@ -130,16 +132,18 @@ _JINJA_BODIES = {
 }
 
 
-def chat_template(name: str, system: Optional[str]) -> str:
+def chat_template(name: str, system: Optional[str], after_image: str = "") -> str:
     """The Jinja chat template equal to conversation template `name` with system prompt `system` (None: the
-    template's default)."""
+    template's default). `after_image` is written between a question's `<image>` placeholders and its "\\n": the
+    vanilla export's " " for sentencepiece tokenizers with legacy=False (see `_vanilla_chat_template`)."""
     from himix_megatron.data.templates import TemplateConfig
 
     if name not in _JINJA_BODIES:
-        raise ConversionError(f"conversation template {name!r} has no chat-template equivalent; the HiMix export "
+        raise ConversionError(f"conversation template {name!r} has no chat-template equivalent; the export "
                               f"writes one for {sorted(_JINJA_BODIES)}")
     system = TemplateConfig(name, system=system).system_prompt
-    return _JINJA_COMMON.replace("{SYSTEM}", json.dumps(system, ensure_ascii=False)) + _JINJA_BODIES[name] + "\n"
+    return (_JINJA_COMMON.replace("{SYSTEM}", json.dumps(system, ensure_ascii=False))
+            .replace("{AFTER_IMAGE}", json.dumps(after_image)) + _JINJA_BODIES[name] + "\n")
 
 
 def load_tp1(load_dir: str):
@@ -443,7 +447,7 @@ def export_checkpoint(load: str, output: str, *, hf_vision: Optional[str] = None
         processor = _image_processor(d.vision)
         processor.save_pretrained(tmp)
         if arch == "vanilla":
-            _save_llava_processor(processor, tmp, d.vision)
+            _save_llava_processor(processor, tmp, iter_dir, d, log)
         os.rename(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -511,23 +515,30 @@ def _save_himix_processor(image_processor, out: str, iter_dir: str, d, jinja: st
         os.remove(os.path.join(out, "chat_template.json"))
 
 
-def _check_prompts(processor, tokenizer_dir: str, template: str, system: str, log) -> None:
-    """The chat template + processor give generation_prompt's ids (training's tokenizer) for a one-question
-    prompt with an image and a two-round one: with no system message (the recorded prompt, what harnesses send),
-    and with a system message stating another prompt and an empty one."""
+def _training_tokenizer(tokenizer_dir: str, log):
+    """The training data pipeline's tokenizer of the checkpoint, or None (logged) when it cannot load one."""
     from himix_megatron.data.records import DataError
-    from himix_megatron.data.templates import TemplateConfig, generation_prompt
     from himix_megatron.data.tokenizer import load_tokenizer
 
     try:
-        tok = load_tokenizer(tokenizer_dir)
+        return load_tokenizer(tokenizer_dir)
     except DataError as e:  # a checkpoint imported but not trained: no training tokenizer to compare with
         log(f"warning: the training data pipeline cannot load the checkpoint's tokenizer ({e}); the chat "
             "template is written unchecked")
-        return
+        return None
+
+
+def _prompt_mismatch(processor, encode: Callable[[str], list], tok, template: str, system: str, arch: str,
+                     expand: Callable[[list], list] = lambda ids: ids) -> Optional[str]:
+    """None when the chat template + `encode` (the processor's tokenization of the rendered text) give
+    generation_prompt's ids (training's tokenizer; `expand` maps them to the processor's image tokens) for a
+    one-question prompt with an image and a two-round one: with no system message (the recorded prompt, what
+    harnesses send), and with a system message stating another prompt and an empty one; else what differs."""
+    from himix_megatron.data.templates import TemplateConfig, generation_prompt
+
     systems = [None] if template == "pretrain" else [None, "Answer in one word.", ""]
     for n, stated in itertools.product((1,) if template == "pretrain" else (1, 2), systems):
-        cfg = TemplateConfig.for_arch(template, "himix", system=system if stated is None else stated)
+        cfg = TemplateConfig.for_arch(template, arch, system=system if stated is None else stated)
         questions, answers = SAMPLE_QUESTIONS[:n], SAMPLE_ANSWERS[:n - 1]
         messages = [] if stated is None else [{"role": "system", "content": stated}]
         for i, q in enumerate(questions):
@@ -535,26 +546,74 @@ def _check_prompts(processor, tokenizer_dir: str, template: str, system: str, lo
             if i < len(answers):
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[i]}]})
         try:
-            expected = generation_prompt(questions, answers, tok, cfg, has_image=True)
+            expected = expand(generation_prompt(questions, answers, tok, cfg, has_image=True))
             text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - DataError (no BOS/EOS), the template's raise_exception (jinja2)
             raise ConversionError(f"the {template} chat template cannot render a sample conversation: {e}") from e
-        ids = processor.encode_text(text)
+        ids = list(encode(text))
         if text.count(IMAGE_TOKEN) != 1 or ids != expected:
-            raise ConversionError(
-                f"the {template} chat template does not reproduce the training prompt with this tokenizer "
-                f"({n} round(s), system message {stated!r}): {text!r} gives {ids}, training {expected}")
+            return (f"the {template} chat template does not reproduce the training prompt with this tokenizer "
+                    f"({n} round(s), system message {stated!r}): {text!r} gives {ids}, training {expected}")
+    return None
 
 
-def _save_llava_processor(image_processor, out: str, v) -> None:
+def _check_prompts(processor, tokenizer_dir: str, template: str, system: str, log) -> None:
+    """HiMix: the chat template + HiMixProcessor give training's prompt ids (`_prompt_mismatch`), else refused."""
+    tok = _training_tokenizer(tokenizer_dir, log)
+    problem = tok and _prompt_mismatch(processor, processor.encode_text, tok, template, system, "himix")
+    if problem:
+        raise ConversionError(problem)
+
+
+def _vanilla_chat_template(processor, iter_dir: str, d, log) -> Optional[str]:
+    """The vanilla export's chat template: the training template with the recorded system prompt, checked (as
+    HiMix's) through LlavaProcessor, which expands `<image>` to the N image tokens and tokenizes the whole
+    string. Training tokenized the text after `<image>` as a piece of its own (the reference's
+    `tokenizer_image_token`), so a sentencepiece tokenizer gave it its dummy-prefix "▁"; a whole-string
+    tokenization adds none after an added token when the tokenizer has legacy=False. The template then writes that
+    space itself (`<image> \\n{question}`), which gives exactly training's ids; a tokenizer that neither rendering
+    serves is refused. None (no template) for a checkpoint that records none."""
+    from PIL import Image
+
+    if d.template is None:
+        log("warning: the checkpoint records no conversation template; the vanilla export ships no chat template "
+            "(lmms-eval's llava_hf then needs --force_simple)")
+        return None
+    system = _system_prompt(d, log)
+    tok = _training_tokenizer(os.path.join(iter_dir, "tokenizer"), log)
+    if tok is None:
+        return chat_template(d.template, system)
+    image = Image.new("RGB", (d.vision.image_size, d.vision.image_size))
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    expand = lambda ids: [t for i in ids for t in ([image_id] * d.vision.num_features if i < 0 else [i])]  # noqa: E731
+    encode = lambda text: processor(text=text, images=[image])["input_ids"][0]  # noqa: E731
+    problems = []
+    for after_image in ("", " "):
+        processor.chat_template = chat_template(d.template, system, after_image)
+        problem = _prompt_mismatch(processor, encode, tok, d.template, system, "vanilla", expand)
+        if problem is None:
+            return processor.chat_template
+        problems.append(problem)
+    raise ConversionError(f"the vanilla export's LlavaProcessor tokenizes the prompt differently from training, with "
+                          f"`<image>\\n` and with `<image> \\n`: {problems[0]}")
+
+
+def _save_llava_processor(image_processor, out: str, iter_dir: str, d, log) -> None:
+    """The LlavaProcessor, with chat_template.jinja reproducing the training prompt (`_vanilla_chat_template`)."""
     from transformers import AutoTokenizer, LlavaProcessor
 
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    v = d.vision
     # (image_size / patch)^2 patches, plus CLIP's class token, minus the first token ("default" strategy):
     # SigLIP loses its first patch, CLIP its class token.
-    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=int(v.class_token),
-                   image_token=IMAGE_TOKEN).save_pretrained(out)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=int(v.class_token),
+                               image_token=IMAGE_TOKEN)
+    processor.chat_template = _vanilla_chat_template(processor, iter_dir, d, log)
+    for name in ("chat_template.json", "chat_template.jinja"):  # the source LM's, copied with the tokenizer
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    processor.save_pretrained(out)
     # transformers 5 nests the image processor in processor_config.json; transformers 4 (which most eval
     # harnesses pin) reads it from preprocessor_config.json and passes every processor_config.json key to
     # the processor's constructor. The flat form plus preprocessor_config.json serves both.

@@ -117,7 +117,7 @@ def load_model(directory: str, *, template: Optional[str], system_prompt: Option
     log(f"model {directory}: arch {arch}, template {name}, system prompt {prompt.system_prompt!r}, {dtype}"
         .replace("torch.", ""))
     return Model(model.to(device).eval(), arch, tokenizer,
-                 TemplateConfig(name, image="remove", system=prompt.system_prompt, image_token_index=image_id),
+                 TemplateConfig.for_arch(name, arch, system=prompt.system_prompt, image_token_index=image_id),
                  _image_config(vision, directory, aspect_ratio),
                  getattr(config, "image_seq_length", 0), sorted(set(stop)), device)
 
@@ -132,11 +132,13 @@ def _image_config(vision_config, directory: str, aspect_ratio: str) -> ImageConf
 
 
 def _ids(m: Model, question: Question) -> list[int]:
+    """Training's prompt ids. Vanilla: the template's image="mark" ids, with the one image id (where training
+    put it) expanded to the N image tokens, as LLaVA's processor expands `<image>` (model/vanilla.py)."""
     ids = prompt_ids(question, m.tokenizer, m.template)
-    if m.arch == "vanilla" and question.image is not None:
-        # As in training (model/vanilla.py): the N image tokens come before the whole text, BOS included.
-        ids = [m.template.image_token_index] * m.image_tokens + ids
-    return ids
+    if m.arch != "vanilla":
+        return ids
+    image = m.template.image_token_index
+    return [t for i in ids for t in ([image] * m.image_tokens if i == image else [i])]
 
 
 @functools.lru_cache(maxsize=None)
