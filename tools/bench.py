@@ -196,14 +196,20 @@ def build(arch, lm, vision, precision, grad_accum_fusion=False, seed=0, **overri
     return ddp, optimizer
 
 
-def batch(lm, vision, n, m, b, precision, seed=1):
+def batch(lm, vision, n, m, b, precision, seed=1, arch="himix"):
+    """Random text, X_v [n, b, d_v] and labels; vanilla's text holds the image id (after its first token, as the
+    pretrain template puts it; where it sits changes no cost: the sequence is N + M long either way)."""
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
+
     g = torch.Generator().manual_seed(seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = torch.randint(0, lm.vocab_size, (b, m + 1), generator=g)
+    if arch == "vanilla":
+        tokens[:, 1] = IMAGE_TOKEN_INDEX
     features = torch.randn(n, b, vision.hidden_size, generator=g)
     features = features.to(dev, torch.float32 if precision == "fp32" else torch.bfloat16)
     positions = torch.arange(m).expand(b, m)
-    return tokens[:, :-1].to(dev), positions.to(dev), features, tokens[:, 1:].to(dev)
+    return tokens[:, :-1].to(dev), positions.to(dev), features, tokens[:, 1:].clamp(min=0).to(dev)
 
 
 def step(ddp, optimizer, data, micro_batches=1):
@@ -267,7 +273,7 @@ def probe(args):
     platform.initialize(ParallelConfig())
     lm, vision = models(args)
     ddp, optimizer = build(arch, lm, vision, precision, args.grad_accum_fusion)
-    data = batch(lm, vision, int(n), int(m), args.batch, precision)
+    data = batch(lm, vision, int(n), int(m), args.batch, precision, arch=arch)
     built = _status_mb("VmRSS")
     for _ in range(2):
         step(ddp, optimizer, data, args.micro_batches)
@@ -307,22 +313,22 @@ def executed_work_note(lm, n, m, d_v, samples):
 
 def run_ratio(args, built, lm, vision, precision, n, m):
     """Interleaved timing of both models on one V:L ratio; returns the medians and every sample."""
-    data = batch(lm, vision, n, m, args.batch, precision)
+    data = {arch: batch(lm, vision, n, m, args.batch, precision, arch=arch) for arch in ARCHS}
     samples = {arch: [] for arch in ARCHS}
     peak_gpu = {arch: 0.0 for arch in ARCHS}
     for _ in range(args.warmup):
         for arch in ARCHS:
-            step(*built[arch], data, args.micro_batches)
+            step(*built[arch], data[arch], args.micro_batches)
     for r in range(args.repeats):
         for arch in ARCHS if r % 2 == 0 else ARCHS[::-1]:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            samples[arch].append(step(*built[arch], data, args.micro_batches))
+            samples[arch].append(step(*built[arch], data[arch], args.micro_batches))
             if torch.cuda.is_available():
                 peak_gpu[arch] = max(peak_gpu[arch], torch.cuda.max_memory_allocated() / 2**20)
     median = {arch: {k: statistics.median(s[k] for s in samples[arch]) for k in samples[arch][0]}
               for arch in ARCHS}
-    saved = {arch: saved_activation_bytes(built[arch][0], data) / 2**20 for arch in ARCHS}
+    saved = {arch: saved_activation_bytes(built[arch][0], data[arch]) / 2**20 for arch in ARCHS}
     return median, samples, peak_gpu, saved
 
 

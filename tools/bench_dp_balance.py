@@ -234,7 +234,8 @@ def run_rank(rank: int, port: int, args, data: dict, out: str) -> None:
     for strategy in ("balanced", "round-robin"):
         loader_cfg = training_data.loader_config(
             cfg, bench_packing.TEMPLATE, image_only, num_samples=count * args.global_batch,
-            packing=training_data.packing_config(cfg, vision.num_features), group=args.global_batch // 2)
+            packing=training_data.packing_config(cfg, vision.num_features), group=args.global_batch // 2,
+            arch=args.arch)
         loader = ShardLoader(dataclasses.replace(loader_cfg, balance=BalanceConfig(args.global_batch, cost, strategy)),
                              tokenizer, rank=rank, world_size=2)
         stream = training_data.step_stream(run, loader)

@@ -376,7 +376,8 @@ def mode_steps(args, run, data, mode, count):
     packing = training_data.packing_config(cfg, run.description.vision.num_features)
     image_only = dataclasses.replace(run.description.vision, image_size=16)  # cheap: the features are stand-ins
     loader = ShardLoader(training_data.loader_config(cfg, TEMPLATE, image_only, num_samples=count * args.global_batch,
-                                                     packing=packing, group=args.global_batch),
+                                                     packing=packing, group=args.global_batch,
+                                                     arch=run.description.arch),
                          run.tokenizer, rank=0, world_size=1)
     mode_run = dataclasses.replace(run, cfg=cfg)
     start = time.perf_counter()

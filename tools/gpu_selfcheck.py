@@ -8,8 +8,8 @@ Checks (each prints its figures next to the verdict; tolerances are stated in th
                  6 steps saving at 3, then a resume from 3 whose losses 4-6 match the uninterrupted run's.
   te-vs-local    HiMix and vanilla built with the TE spec and the local spec from the same weights, through a
                  checkpoint saved by one and loaded by the other (both directions), bf16: per-token losses and
-                 every parameter gradient; HiMix on a mixed batch (one sample without an image) and on a packed
-                 THD row against its samples one at a time.
+                 every parameter gradient, on a mixed batch (one sample without an image; vanilla's image ids at
+                 different places); and a packed THD row against its samples one at a time, for both.
   attention-*    TEMixtureDotProductAttention on the flash and on the fused backend, one at a time (forced
                  with NVTE_FLASH_ATTN / NVTE_FUSED_ATTN in a child process, NVTE_DEBUG naming the backend
                  that ran): causal_bottom_right (sbhd, more keys than queries) and packed THD with
@@ -229,6 +229,7 @@ def check_te_vs_local(out: str) -> list[Row]:
     from himix_megatron.checkpoint import ModelDescription, build_model, load_checkpoint, save_checkpoint
     from himix_megatron.config import ParallelConfig, language_model_preset, vision_model_preset
     from himix_megatron.data.packing import segment_params
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
 
     init_single_rank()
     rows = []
@@ -244,7 +245,9 @@ def check_te_vs_local(out: str) -> list[Row]:
         load_checkpoint(saved, te, encoder=te_encoder)
         tokens, positions, labels = _batch(description.language.vocab_size, 4, 16, seed=1)
         images = torch.randn(4, 3, 56, 56, generator=torch.Generator().manual_seed(2)).cuda()
-        present = torch.tensor([True, False, True, True]).cuda() if arch == "himix" else None
+        present = torch.tensor([True, False, True, True]).cuda()
+        if arch == "vanilla":  # its text holds the image id where the template puts it; none without an image
+            tokens[[0, 2, 3], [3, 1, 6]] = IMAGE_TOKEN_INDEX
         ref_loss, ref_features, ref_grads = _run(local[0], local_encoder, tokens, positions, labels, images,
                                                  image_present=present)
         loss, features, grads = _run(te[0], te_encoder, tokens, positions, labels, images, image_present=present)
@@ -266,22 +269,23 @@ def check_te_vs_local(out: str) -> list[Row]:
         rows.append(Row(f"te-vs-local {arch} (TE ckpt -> local)", verdict(diff <= 1e-5),
                         f"losses equal the original local model's: max |diff| {diff:.1e}"))
 
-        if arch == "himix":  # a packed THD row on TE against its samples one at a time
-            lengths, flags = [5, 9, 3, 7], [True, False, True, True]
-            seg = segment_params(lengths, flags, description.vision.num_features).to(tokens.device)
-            row_tokens = torch.cat([tokens[i, :n] for i, n in enumerate(lengths)])[None]
-            row_labels = torch.cat([labels[i, :n] for i, n in enumerate(lengths)])[None]
-            with torch.no_grad():
-                features = te_encoder(images)
-                packed = te[0](row_tokens, seg.text_positions[None], features[:, torch.tensor(flags).cuda()],
-                               labels=row_labels, packed_seq_params=seg).float()
-                alone = torch.cat([te[0](tokens[i:i + 1, :n], positions[i:i + 1, :n],
-                                         features[:, i:i + 1] if flags[i] else None, labels=labels[i:i + 1, :n]).float()
-                                   for i, n in enumerate(lengths)], dim=1)
-            diff = (packed - alone).abs().max().item()
-            rows.append(Row("te-vs-local himix packed THD", verdict(diff <= loss_tol),
-                            f"per-token losses of a packed row vs one sample at a time: max |diff| {diff:.1e} "
-                            f"(<= {loss_tol})"))
+        # A packed THD row on TE against its samples one at a time.
+        lengths, flags = [5, 9, 3, 7], [True, False, True, True]
+        slots = [3, None, 1, 6] if arch == "vanilla" else ()
+        seg = segment_params(lengths, flags, description.vision.num_features, image_slots=slots).to(tokens.device)
+        row_tokens = torch.cat([tokens[i, :n] for i, n in enumerate(lengths)])[None]
+        row_labels = torch.cat([labels[i, :n] for i, n in enumerate(lengths)])[None]
+        with torch.no_grad():
+            features = te_encoder(images)
+            packed = te[0](row_tokens, seg.text_positions[None], features[:, torch.tensor(flags).cuda()],
+                           labels=row_labels, packed_seq_params=seg).float()
+            alone = torch.cat([te[0](tokens[i:i + 1, :n], positions[i:i + 1, :n],
+                                     features[:, i:i + 1] if flags[i] else None, labels=labels[i:i + 1, :n]).float()
+                               for i, n in enumerate(lengths)], dim=1)
+        diff = (packed - alone).abs().max().item()
+        rows.append(Row(f"te-vs-local {arch} packed THD", verdict(diff <= loss_tol),
+                        f"per-token losses of a packed row vs one sample at a time: max |diff| {diff:.1e} "
+                        f"(<= {loss_tol})"))
     return rows
 
 
@@ -575,6 +579,7 @@ def check_vicuna_width(out: str) -> list[Row]:
     import torch
 
     from himix_megatron.config import ParallelConfig, build_transformer_config, language_model_preset, vision_model_preset
+    from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
     from himix_megatron.flops import training_flops
     from himix_megatron.model import model_class
     from himix_megatron.training.metrics import detect_peak_flops
@@ -595,7 +600,10 @@ def check_vicuna_width(out: str) -> list[Row]:
                                           bf16=True, **overrides)
         model = model_class(arch)(config, lm, use_te=True).cuda().to(torch.bfloat16)
         torch.cuda.reset_peak_memory_stats()
-        seconds = _step_time(model, tokens, positions, labels, features)
+        text = tokens.clone()
+        if arch == "vanilla":  # the image id after the first token (its place changes no cost)
+            text[:, 1] = IMAGE_TOKEN_INDEX
+        seconds = _step_time(model, text, positions, labels, features)
         flops = b * training_flops(lm, arch, n, m, "finetune", vision.hidden_size)
         peak = detect_peak_flops(None, recipe is not None)
         times[(arch, precision)] = seconds
