@@ -165,3 +165,41 @@ def test_an_export_whose_processor_cannot_reproduce_the_prompt_is_refused(export
                                               r"1 round\(s\), system message None"):
         hf_export.export_checkpoint(ckpt, str(tmp_path / "refused"), log=lambda _: None)
     assert not os.path.exists(tmp_path / "refused")
+
+
+@pytest.mark.parametrize("ranking", ["last_token", "all_tokens"])
+def test_megatron_fastv_equals_the_exports_fastv_with_the_image_after_the_header(exports, tmp_path, ranking):
+    """FastV ranks and prunes the image tokens where the image id put them: our forward-only FastV and the FastV
+    export (transformers' LLaVA with the baselines' layer loop) keep the same tokens and give the same logits."""
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from himix_megatron.convert.hf_export import load_tp1
+    from himix_megatron.model.fastv import FastVConfig, fastv_logits
+
+    ckpt, _ = exports["spm_legacy"]
+    fastv = str(tmp_path / "fastv")
+    hf_export.export_checkpoint(ckpt, fastv, baselines={"fastv_k": 2, "fastv_r": 0.5, "fastv_ranking": ranking},
+                                log=lambda _: None)
+    tok = load_tokenizer(os.path.join(ckpt, "iter_0000001", "tokenizer"))
+    ids = generation_prompt(["What colour is the square?"], [], tok,
+                            TemplateConfig("tinyllama", image="mark", system=SYSTEM), has_image=True)
+    slot = ids.index(IMAGE_TOKEN_INDEX)
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    _, _, chunks, encoder, _ = load_tp1(ckpt)
+    with torch.no_grad():
+        features = encoder(pixels)
+        n = features.shape[0]
+        ours, kept = fastv_logits(chunks[0].eval(), torch.tensor([ids]), features, FastVConfig(2, 0.5, ranking))
+    model = AutoModelForCausalLM.from_pretrained(fastv, trust_remote_code=True).eval()
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor([_expand(ids, model.config.image_token_index, n)]),
+                       pixel_values=pixels).logits
+    assert [int(i) for i in model.model.language_model.fastv_last_kept[0]] == (slot + kept[0]).tolist()
+    processor = AutoProcessor.from_pretrained(fastv)  # its prompts are training's too (the tokenizer's class)
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}], add_generation_prompt=True)
+    prompt = processor(text=text, images=[Image.new("RGB", (56, 56))])["input_ids"][0]
+    assert list(prompt) == _expand(ids, model.config.image_token_index, n)
+    at = [t + (n - 1) * (t >= slot) for t in range(len(ids))]
+    torch.testing.assert_close(ours[0, :, :LM.vocab_size], theirs[0, at, :LM.vocab_size], atol=1e-4, rtol=0)

@@ -600,9 +600,14 @@ def _vanilla_chat_template(processor, iter_dir: str, d, log) -> Optional[str]:
 
 def _save_llava_processor(image_processor, out: str, iter_dir: str, d, log) -> None:
     """The LlavaProcessor, with chat_template.jinja reproducing the training prompt (`_vanilla_chat_template`)."""
-    from transformers import AutoTokenizer, LlavaProcessor
+    from transformers import AutoTokenizer, LlavaProcessor, PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    # tokenizer.json through the generic tokenizers backend, which is what transformers loads for a LLaVA
+    # directory; saved under that class, a baselines (remote-code) directory loads it too, where the tokenizer
+    # config's model class would otherwise be chosen (transformers 5's LlamaTokenizer adds no dummy prefix
+    # after a special token, even with legacy=True, so `<image>\n` would lose training's "▁").
+    read = PreTrainedTokenizerFast if os.path.isfile(os.path.join(out, "tokenizer.json")) else AutoTokenizer
+    tok = read.from_pretrained(out, local_files_only=True)
     v = d.vision
     # (image_size / patch)^2 patches, plus CLIP's class token, minus the first token ("default" strategy):
     # SigLIP loses its first patch, CLIP its class token.
