@@ -485,6 +485,14 @@ def test_arank_recorder_sees_the_attention_the_layers_compute():
         torch.testing.assert_close(mixed, out, atol=1e-5, rtol=1e-5)
     assert len(recorder.mean()) == TINY_LM.num_layers
     assert all(0 < r <= s for r in recorder.mean())
+    # The tool's recorder leaves out vanilla's spare last position (the image id, moved behind the sequence):
+    # the maps of the spliced sequence itself, which no position of it changes.
+    spliced = arank.AttentionRanks(model, spare=1)
+    with torch.no_grad():
+        model(tokens, positions, vision)
+    spliced.remove()
+    for i, maps in spliced.maps.items():
+        torch.testing.assert_close(maps, recorder.maps[i][..., :-1, :-1], atol=1e-6, rtol=0)
 
 
 # --- TP and PP (multi-process) ---------------------------------------------------------------------------------

@@ -64,8 +64,11 @@ def choose_mod_layers(aranks: Sequence[float], count: int) -> list[int]:
 class AttentionRanks:
     """Forward pre-hooks on every layer's core attention: the ARank of each sample's maps, per layer."""
 
-    def __init__(self, model, head_reduce: str = "ranks"):
+    def __init__(self, model, head_reduce: str = "ranks", spare: int = 0):
         self.head_reduce = head_reduce
+        # Trailing positions left out of the maps: vanilla's spare one (its image id, moved behind the spliced
+        # sequence, model/vanilla.py), which no other position attends to.
+        self.spare = spare
         self.ranks: dict[int, list[float]] = {}  # 0-based layer -> one ARank per sample seen
         self.maps: dict[int, torch.Tensor] = {}  # the last batch's maps [b, heads, S, S], for inspection
         self.handles = []
@@ -78,6 +81,9 @@ class AttentionRanks:
         def hook(module, args, kwargs):
             query, key = args[0], args[1]
             mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+            if self.spare:
+                s = query.shape[0] - self.spare
+                query, key, mask = query[:s], key[:s], None if mask is None else mask[..., :s, :s]
             maps = attention_maps(query, key, mask, getattr(core, "softmax_scale", None))
             self.maps[index] = maps
             self.ranks.setdefault(index, []).extend(attention_rank(m, self.head_reduce) for m in maps)
@@ -156,7 +162,7 @@ def run(args) -> dict:
                       train_iters=1, num_workers=0, arch="vanilla")
     loader = ShardLoader(training_data.loader_config(cfg, template, description.vision, valid=True),
                          tokenizer, rank=0, world_size=1)
-    recorder = AttentionRanks(model, args.head_reduce)
+    recorder = AttentionRanks(model, args.head_reduce, spare=1)  # one sample with an image at a time
     samples = 0
     with torch.no_grad():
         for batch in loader:

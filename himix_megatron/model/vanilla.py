@@ -97,8 +97,9 @@ def spliced_layout(input_ids: Tensor, vision_tokens: int) -> tuple[Tensor, Tenso
 
 
 def check_image_slots(input_ids: Tensor, vision_features: Optional[Tensor], flags: Optional[tuple]) -> None:
-    """One image id per sample with an image, none elsewhere. Read only where the ids are on the CPU (the
-    loader checks every sample it builds: data/packing.py's image_slot), so a GPU step never syncs for it."""
+    """One image id per sample with an image, none elsewhere. Read only where the ids are on the CPU, so a GPU
+    step never syncs for it: the loader's samples hold exactly that (the template's image="mark" ids, the image
+    dropped where truncation cut its id off: data/loader.py; packed rows check it: data/packing.py's image_slot)."""
     if input_ids.is_cuda:
         return
     counts = (input_ids == IMAGE_TOKEN_INDEX).sum(1).tolist()
