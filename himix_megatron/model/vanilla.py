@@ -17,8 +17,8 @@ token after the image; the template never trains the image id's label).
 
 Why not megatron-core's `LLaVAModel`: its projector is built only together with its vision encoder
 (`add_encoder=True`), so it cannot take the precomputed, frozen SigLIP features that HiMix consumes; it
-splices image embeddings at an `image_token_index` inside `input_ids` and returns (loss, loss_mask) over the
-combined sequence, where HiMix returns loss over text only. It also asserts TE attention for SP/CP. This
+splices the image at `image_token_index` as this model does, but returns (loss, loss_mask) over the combined
+sequence, where HiMix returns loss over text only, and its splice needs a device sync per batch. It also asserts TE attention for SP/CP. This
 model reuses its pieces instead: the same `MultimodalProjector` ("mlp" type, parameter names
 `vision_projection.encoder.linear_fc{1,2}` as in LLaVAModel checkpoints) and GPTModel with
 `scatter_embedding_sequence_parallel=False`, scattering after the concatenation, as LLaVAModel does.
@@ -134,7 +134,7 @@ class VanillaLLaVAModel(GPTModel):
             transformer_layer_spec=spec,
             pre_process=pre_process,
             post_process=post_process,
-            scatter_embedding_sequence_parallel=False,  # scattered after [image; text] is assembled
+            scatter_embedding_sequence_parallel=False,  # scattered after the image is spliced in
             vp_stage=vp_stage,
             **gpt_model_kwargs(config, lm),
         )
