@@ -20,10 +20,10 @@ from model_utils import TINY_LM, TINY_VISION, randomize
 
 
 def _checkpoint(root, arch, tok):
-    chunks, encoder = build_model(ModelDescription(arch, TINY_LM, TINY_VISION, "vicuna_v1"), ParallelConfig())
+    chunks, encoder = build_model(ModelDescription(arch, TINY_LM, TINY_VISION, "tinyllama"), ParallelConfig())
     randomize(chunks + [encoder], 0, scale=0.5)
     path = str(root / f"{arch}-ckpt")
-    save_checkpoint(path, chunks, ModelDescription(arch, TINY_LM, TINY_VISION, "vicuna_v1"), iteration=5,
+    save_checkpoint(path, chunks, ModelDescription(arch, TINY_LM, TINY_VISION, "tinyllama"), iteration=5,
                     encoder=encoder, tokenizer_dir=tok)
     return path
 
@@ -84,7 +84,7 @@ def _greedy_without_cache(m, question, folder, steps):
 def test_batched_cached_answers_equal_single_and_cache_free_greedy(exported, questions, arch):
     path, folder = questions
     m = generate.load_model(exported[arch], template=None, system_prompt="", log=lambda _: None)
-    assert m.template.name == "vicuna_v1"  # recorded by the checkpoint, carried by the export
+    assert m.template.name == "tinyllama"  # recorded by the checkpoint, carried by the export
     qs = [q for q in read_questions(path) if q.image is not None]
     batched = generate.answer_batch(m, qs, folder, max_new_tokens=6)
     single = [generate.answer_batch(m, [q], folder, max_new_tokens=6)[0] for q in qs]
