@@ -178,6 +178,15 @@ class HFTokenizer:
         for key in ("bos", "eos", "pad"):
             if names[key] is None:
                 names[key] = _token_content(cfg.get(f"{key}_token"))
+        # transformers registers the config's special tokens with the backend, which then splits them out of any
+        # text ("...</s>USER"); a tokenizer.json that does not list them as added tokens is read the same way.
+        from tokenizers import AddedToken
+
+        specials = [names[k] for k in ("bos", "eos", "pad")] + [_token_content(cfg.get("unk_token"))]
+        specials += [_token_content(e) for e in (cfg.get("added_tokens_decoder") or {}).values()
+                     if isinstance(e, dict) and e.get("special")]
+        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials)
+                                      if t and self._tok.token_to_id(t) is not None])
         self.bos_id = self.token_id(names["bos"]) if names["bos"] else None
         self.eos_id = self.token_id(names["eos"]) if names["eos"] else None
         pad = self.token_id(names["pad"]) if names["pad"] else None

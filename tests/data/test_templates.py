@@ -246,3 +246,14 @@ def test_tokenizer_errors(tmp_path, bpe_path):
         load_tokenizer(str(tmp_path))
     with pytest.raises(DataError, match="not in the vocabulary"):
         HFTokenizer(bpe_path, eos_token="<nope>")
+
+
+def test_special_tokens_named_by_the_config_are_split_out(tmp_path):
+    """As transformers does: a tokenizer.json that does not list `</s>` as an added token still reads `a</s>b` as
+    three tokens when tokenizer_config.json names `</s>` the EOS."""
+    from tokenizer_utils import save_word_level_tokenizer
+
+    save_word_level_tokenizer(tmp_path, 10)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.encode_chunk("w3</s>w4")[0] == [tok.token_id("w3"), tok.eos_id, tok.token_id("w4")]
+    check_tokenizer(tok, TemplateConfig("tinyllama"))
