@@ -30,8 +30,8 @@ the plan's costs are its FLOPs, with no encoder term. The same global batches ru
 step by step alternately (ABBA), after --warmup steps; rank 0 prints the median and total step times of both,
 their ratio, and the ratio the planner predicts for those steps (sum of the heaviest rank's planned cost,
 round-robin over balanced); then the median over steps of the same ratios step by step (step k is the same
-global batch in both modes), which a burst of load from other processes moves less. Step time is the whole step: forward-backward, the gradient all-reduce (where the
-lighter rank waits), the optimizer.
+global batch in both modes), which a burst of load from other processes moves less. Step time is the whole
+step: forward-backward, the gradient all-reduce (where the lighter rank waits), the optimizer.
 """
 
 from __future__ import annotations
@@ -196,7 +196,8 @@ def length_cost(args, root: str) -> dict:
 def print_length_cost(c: dict) -> None:
     print(f"\nlength cost per sample: json member + tokenize {c['record_s'] * 1e3:.3f} ms; the full read (json + "
           f"~{c['jpeg_kb']:.0f} KB JPEG decoded and resized to 384, tokenized) {c['full_s'] * 1e3:.2f} ms")
-    print(f"{'DP':>4} {'global batch':>12} | {'lengths of the batch':>20} | {'reading own share':>17} | {'overhead':>8}")
+    print(f"{'DP':>4} {'global batch':>12} | {'lengths of the batch':>20} | {'reading own share':>17} | "
+          f"{'overhead':>8}")
     for dp, gbs in LAYOUTS:
         plan, own = gbs * c["record_s"], gbs // dp * c["full_s"]
         print(f"{dp:>4} {gbs:>12} | {plan * 1e3:>17.1f} ms | {own * 1e3:>14.1f} ms | {plan / own:>7.0%}")
@@ -298,8 +299,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     lengths, images = draw(20000, args.seq_length, np.random.default_rng(args.seed))
     a = np.asarray(lengths)
-    print(f"length mix (tools/bench_packing.py's): {np.mean(np.asarray(images) == 0):.1%} text-only, mean {a.mean():.0f}, "
-          f"median {np.median(a):.0f}, p90 {np.percentile(a, 90):.0f}, p99 {np.percentile(a, 99):.0f} text tokens")
+    print(f"length mix (tools/bench_packing.py's): {np.mean(np.asarray(images) == 0):.1%} text-only, "
+          f"mean {a.mean():.0f}, median {np.median(a):.0f}, p90 {np.percentile(a, 90):.0f}, "
+          f"p99 {np.percentile(a, 99):.0f} text tokens")
     print_planner(planner_table(args), args)
     with tempfile.TemporaryDirectory() as root:
         print_length_cost(length_cost(args, root))

@@ -130,7 +130,8 @@ class LoaderConfig:
         if self.balance is not None and self.packing is None:
             raise DataError("LoaderConfig.balance needs packing: an unpacked step is a fixed number of "
                             "micro-batches of micro_batch_size samples per rank")
-        if self.length_groups < 1 or (self.length_groups > 1 and (self.packing is not None or self.pad_to != "longest")):
+        grouped = self.length_groups > 1
+        if self.length_groups < 1 or (grouped and (self.packing is not None or self.pad_to != "longest")):
             raise DataError(f"LoaderConfig.length_groups={self.length_groups}: must be >= 1, and above 1 only for "
                             "unpacked micro-batches padded to their longest")
 
