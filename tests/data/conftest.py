@@ -5,13 +5,11 @@ Everything is generated in temporary directories; nothing is downloaded.
 
 from __future__ import annotations
 
-import io
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from image_utils import jpeg_bytes, png_bytes  # noqa: F401 - the data tests take them from here
 from tokenizer_utils import train_byte_bpe, train_sentencepiece
 
 
@@ -34,19 +32,6 @@ def bpe_path(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("bpe")
     train_byte_bpe().save(str(d / "tokenizer.json"))
     return str(d / "tokenizer.json")
-
-
-def png_bytes(rgb=(200, 30, 30), size=(12, 8)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def jpeg_bytes(seed=0, size=(16, 16)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 def conv(q="<image>\nWhat is in the image?", a="A red circle.", *more):
