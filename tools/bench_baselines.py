@@ -68,11 +68,12 @@ def training(args, lm, vision, n, m):
     from himix_megatron.flops import gamma_mod_training_flops, training_flops
     from himix_megatron.model.gamma_mod import config_overrides
 
-    data = bench.batch(lm, vision, n, m, 1, "fp32")
+    data = {arch: bench.batch(lm, vision, n, m, 1, "fp32", arch=arch) for arch in ("himix", "vanilla")}
     built = {"vanilla": bench.build("vanilla", lm, vision, "fp32"),
              "vanilla + gamma-MoD": bench.build("vanilla", lm, vision, "fp32", **config_overrides({})),
              "HiMix": bench.build("himix", lm, vision, "fp32")}
-    runs = {name: (lambda b=b: bench.step(*b, data, args.micro_batches)) for name, b in built.items()}
+    runs = {name: (lambda b=b, d=data["himix" if name == "HiMix" else "vanilla"]: bench.step(*b, d, args.micro_batches))
+            for name, b in built.items()}
     for run in runs.values():
         run()  # warm-up, allocates Adam's state
     times = _median_rounds(runs, args.repeats)

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     encoder = VisionEncoder(build_vision_config(vision, ParallelConfig(), use_cpu_initialization=True), vision,
                             spec=vision_layer_spec(False))
     pixels = torch.randn(k, 1, 3, vision.image_size, vision.image_size)
-    tokens, positions, _, labels = bench.batch(lm, vision, n, m, 1, "fp32")
+    data = {arch: bench.batch(lm, vision, n, m, 1, "fp32", arch=arch) for arch in ("himix", "vanilla")}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "shard-000000.safetensors")
         with torch.no_grad():
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
             names = list(built)
             for name in names[r % 3:] + names[: r % 3]:
                 (ddp, optimizer), features_of = built[name]
+                tokens, positions, _, labels = data["vanilla" if name.startswith("vanilla") else "himix"]
                 total, features = _step(ddp, optimizer, tokens, positions, labels, features_of, k)
                 if r:
                     times[name].append(total)
