@@ -19,6 +19,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 from himix_megatron.config import ParallelConfig
 from himix_megatron.convert import layout
 from himix_megatron.convert.layout import ConversionError
+from himix_megatron.data.templates import IMAGE_TOKEN_INDEX
 from model_utils import randomize_hf
 from test_convert import _megatron_logits, _save, _text_batch, hf  # noqa: F401 - `hf`: the tiny Llama fixture
 
@@ -244,10 +245,12 @@ def test_vanilla_export_is_transformers_llava_with_a_clip_tower(converted):
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
     image_id = config.image_token_index
     tokens, _ = _text_batch(300, seed=23)
+    tokens[:, 2] = IMAGE_TOKEN_INDEX  # training's ids: the image where the template put it
     pixels = _pixels(24)
-    ids = torch.cat([torch.full((2, N), image_id), tokens], dim=1)
+    ids = torch.cat([tokens[:, :2], torch.full((2, N), image_id), tokens[:, 3:]], dim=1)
+    at = [t + (N - 1) * (t >= 2) for t in range(tokens.shape[1])]  # the image id's output: the last image token's
     with torch.no_grad():
-        theirs = model.eval()(input_ids=ids, pixel_values=pixels).logits[:, N:, :300]
+        theirs = model.eval()(input_ids=ids, pixel_values=pixels).logits[:, at, :300]
         # LLaVA's image features are after its projector: compare the tower's selection (vision_feature_layer,
         # "default": the class token dropped) with our encoder's features.
         hidden = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
