@@ -15,7 +15,7 @@ from pathlib import Path
 # bound names and CI installs (make test-hf-matrix reads it from here), to the newest that passed. Each export
 # records it in config.json (`himix_tested_transformers`); docs/gpu-and-containers.md's "Install details" quotes
 # it. Keep the form ">=OLDEST,<=NEWEST": the Makefile extracts OLDEST with sed.
-TESTED_TRANSFORMERS = ">=5.6.0,<=5.24.0"
+TESTED_TRANSFORMERS = ">=5.6.0,<=5.25.0"
 TESTED_TRANSFORMERS_KEY = "himix_tested_transformers"
 
 REMOTE_CODE_FILES = ("configuration_himix.py", "modeling_himix.py", "processing_himix.py")
