@@ -471,22 +471,15 @@ class ShardLoader:
         pending_items: list[Sample] = []
         pending = _Counters()
         expected = 0
-        # With the rate limits relaxed, an all-bad dataset would otherwise spin forever on an endless stream.
         bad_run, pass_length = 0, max(1, -(-self.epoch_length // self.world))
         for chunk in self._dataloader(stop):
             if chunk.number != expected:
                 raise RuntimeError(f"loader chunk {chunk.number} arrived, expected {expected}: order broken")
             expected += 1
             for item in chunk.unpack().items:
-                pending.add(item)
-                if item.status != "ok":
-                    self._report(item, pending)
-                    bad_run += 1
-                    if bad_run > pass_length:
-                        raise DataLoaderAbort(f"rank {self.rank}: no usable sample in {bad_run} consecutive samples "
-                                              f"(a whole pass over the data); last problem: {item.detail}")
+                bad_run = self._count(item, pending, bad_run, pass_length)
+                if bad_run:
                     continue
-                bad_run = 0
                 pending_items.append(item.sample)
                 if len(pending_items) == self.cfg.micro_batch_size:
                     batch = self._batch(pending_items)
@@ -497,6 +490,18 @@ class ShardLoader:
         self._commit(pending)
         if last:
             yield self._batch(last)
+
+    def _count(self, item: _Item, pending: _Counters, bad_run: int, pass_length: int) -> int:
+        """Count `item` into `pending`; returns how many bad samples in a row end with it (0: it is usable). An
+        all-bad dataset with the rate limits relaxed would otherwise spin forever on an endless stream."""
+        pending.add(item)
+        if item.status == "ok":
+            return 0
+        self._report(item, pending)
+        if bad_run + 1 > pass_length:
+            raise DataLoaderAbort(f"rank {self.rank}: no usable sample in {bad_run + 1} consecutive samples "
+                                  f"(a whole pass over the data); last problem: {item.detail}")
+        return bad_run + 1
 
     def _steps(self) -> Iterator[list]:
         """Balanced packing: one yield per step, this rank's planned share packed into rows. Bad samples are
@@ -516,15 +521,9 @@ class ShardLoader:
                 raise RuntimeError(f"loader step {chunk.number} arrived, expected {expected}: order broken")
             pending, samples = _Counters(), []
             for item in chunk.unpack().items:
-                pending.add(item)
-                if item.status != "ok":
-                    self._report(item, pending)
-                    bad_run += 1
-                    if bad_run > pass_length:
-                        raise DataLoaderAbort(f"rank {self.rank}: no usable sample in {bad_run} consecutive samples "
-                                              f"(a whole pass over the data); last problem: {item.detail}")
+                bad_run = self._count(item, pending, bad_run, pass_length)
+                if bad_run:
                     continue
-                bad_run = 0
                 samples.append(item.sample)
             rows = self._batch(samples) if samples else [self._empty_row()]
             self.position = chunk.plan["first"] + B
