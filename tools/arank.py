@@ -154,7 +154,7 @@ def run(args) -> dict:
         raise ConfigError("--tokenizer-model is required (the checkpoint has no tokenizer files)")
     tokenizer = training_data.load_tokenizer_checked(tokenizer_dir, description.language)
     prompt = resolve_prompt(tokenizer, args.template, args.system_prompt, recorded_template=description.template,
-                            recorded_system=description.system_prompt, where=iter_dir)
+                            recorded_system=description.system_prompt, where=iter_dir, warn=print)
     template = prompt.name
     cfg = TrainConfig(data_path=list(args.data_path), valid_data_path=list(args.data_path),
                       tokenizer_model=tokenizer_dir, template=template,

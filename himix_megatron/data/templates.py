@@ -37,7 +37,7 @@ Where this differs from the reference, on purpose:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 from himix_megatron.data.records import IMAGE_PLACEHOLDER, Conversation, DataError, SampleError
 from himix_megatron.data.tokenizer import Tokenizer
@@ -139,14 +139,18 @@ def paper_template(tok: Tokenizer) -> str:
 
 def resolve_prompt(tok: Tokenizer, template: Optional[str], system: Optional[str], *,
                    recorded_template: Optional[str] = None, recorded_system: Optional[str] = None,
-                   where: str = "the checkpoint") -> TemplateConfig:
+                   where: str = "the checkpoint", warn: Optional[Callable[[str], None]] = None) -> TemplateConfig:
     """The template and system prompt of a run: the stated ones, else the recorded ones (the recorded prompt only
-    with its own template), else the paper's template for this tokenizer and its default prompt."""
+    with its own template), else the paper's template for this tokenizer and its default prompt. `warn` hears of
+    a recorded template without a recorded prompt (a checkpoint of an earlier release)."""
     if template is None and recorded_template is not None:
         check_template_name(recorded_template, f"{where} (its recorded template; pass --template to choose)")
     name = template or recorded_template or paper_template(tok)
     if system is None and name == recorded_template:
         system = recorded_system
+        if system is None and warn is not None:
+            warn(f"warning: {where} records no system prompt (an earlier release): using the {name} template's "
+                 "default; pass --system-prompt if the model was trained with another")
     cfg = TemplateConfig(name, system=system)
     check_tokenizer(tok, cfg)
     return cfg

@@ -96,14 +96,11 @@ def load_model(directory: str, *, template: Optional[str], system_prompt: Option
     if template is None and recorded is None:
         raise EvalError(f"{directory}: the export records no conversation template; pass --template "
                         "(the one the model was trained with)")
-    recorded_system = getattr(config, "himix_system_prompt", None)
-    if recorded is not None and recorded_system is None and system_prompt is None and (template or recorded) == recorded:
-        log(f"warning: {directory}/config.json records no system prompt (an export of an older checkpoint): "
-            "prompting with the template's default; pass --system-prompt if the model was trained with another")
     tokenizer = load_tokenizer(directory)
     try:
         prompt = resolve_prompt(tokenizer, template, system_prompt, recorded_template=recorded,
-                                recorded_system=recorded_system, where=f"{directory}/config.json")
+                                recorded_system=getattr(config, "himix_system_prompt", None),
+                                where=f"{directory}/config.json", warn=log)
     except DataError as e:
         raise EvalError(str(e)) from None
     name = prompt.name

@@ -165,11 +165,8 @@ def setup(cfg: TrainConfig) -> Run:
         raise ConfigError("--tokenizer-model is required (the checkpoint has no tokenizer files)")
     tokenizer = training_data.load_tokenizer_checked(tokenizer_dir, description.language)
     prompt = resolve_prompt(tokenizer, cfg.template, cfg.system_prompt, recorded_template=description.template,
-                            recorded_system=description.system_prompt, where=checkpoint or "--load")
-    if checkpoint is not None and description.system_prompt is None and cfg.system_prompt is None \
-            and prompt.name == description.template and launch.rank == 0:
-        print(f"warning: {checkpoint} records no system prompt (an earlier release): training with the {prompt.name} "
-              "template's default; pass --system-prompt if the model was trained with another", flush=True)
+                            recorded_system=description.system_prompt, where=checkpoint or "--load",
+                            warn=functools.partial(print, flush=True) if checkpoint and launch.rank == 0 else None)
     # From here on cfg states the exact prompt, and every checkpoint records it.
     template, cfg = prompt.name, dataclasses.replace(cfg, template=prompt.name, system_prompt=prompt.system_prompt)
     description = dataclasses.replace(description, template=template, system_prompt=prompt.system_prompt)

@@ -235,6 +235,12 @@ def test_resolve_prompt_order(sp_tok):
     assert resolve_prompt(sp_tok, None, None, **recorded).system_prompt == ""
     assert resolve_prompt(sp_tok, "tinyllama", "Hi.", **recorded).system_prompt == "Hi."
     assert resolve_prompt(sp_tok, "pretrain", None, **recorded).system_prompt == ""
+    heard = []  # an earlier release's checkpoint: a template but no prompt recorded
+    assert resolve_prompt(sp_tok, None, None, recorded_template="tinyllama", warn=heard.append,
+                          where="ckpt/iter_1").system_prompt == REFERENCE_SYSTEM
+    assert len(heard) == 1 and "ckpt/iter_1 records no system prompt" in heard[0]
+    resolve_prompt(sp_tok, None, None, warn=heard.append, **recorded)
+    assert len(heard) == 1
     with pytest.raises(DataError, match="recorded template.*retired"):
         resolve_prompt(sp_tok, None, None, recorded_template="vicuna_v1")
 
