@@ -19,7 +19,7 @@ setup(
         # is himix_megatron/hf's TESTED_TRANSFORMERS (make test-hf-matrix).
         "transformers>=5.6,<6",
         "safetensors",
-        "sentencepiece",
+        "sentencepiece>=0.2.2",  # encode(return_type="proto"): the piece offsets the label mask reads
         "tokenizers",
         "webdataset>=0.2.86",
         "pillow",
