@@ -53,25 +53,31 @@ def write_llava(tmp_path, records, images: dict) -> tuple[str, str]:
     return str(path), str(folder)
 
 
-@pytest.fixture(scope="session")
-def uniform_shards(tmp_path_factory):
-    """48 valid samples (ids s00..s47; every third one text-only) in shards of 10 records."""
+def answer_shards(tmp, prefix: str, answers: list, *, maxcount: int, colour) -> str:
+    """Shards of one question per answer (ids {prefix}00, ...), every third sample text-only; image i is a small
+    PNG of `colour(i)`. Returns the shard directory."""
     from himix_megatron.data.build import BuildConfig, build_shards
 
-    tmp = tmp_path_factory.mktemp("uniform")
     records, images = [], {}
-    for i in range(48):
-        rec = {"id": f"s{i:02d}", "conversations": conv(f"<image>\nQuestion {i}?", f"Answer {i}.")}
+    for i, answer in enumerate(answers):
+        rec = {"id": f"{prefix}{i:02d}", "conversations": conv(f"<image>\nQuestion {i}?", answer)}
         if i % 3 == 2:
-            rec["conversations"] = conv(f"Question {i}?", f"Answer {i}.")
+            rec["conversations"] = conv(f"Question {i}?", answer)
         else:
             rec["image"] = f"{i}.png"
-            images[f"{i}.png"] = png_bytes((i * 5, 100, 200 - i), (8 + i % 5, 8))
+            images[f"{i}.png"] = png_bytes(colour(i), (8 + i % 5, 8))
         records.append(rec)
     path, folder = write_llava(tmp, records, images)
     out = str(tmp / "shards")
-    build_shards(BuildConfig(output=out, json=(path,), image_folder=folder, maxcount=10, progress=False))
+    build_shards(BuildConfig(output=out, json=(path,), image_folder=folder, maxcount=maxcount, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def uniform_shards(tmp_path_factory):
+    """48 valid samples (ids s00..s47; every third one text-only) in shards of 10 records."""
+    return answer_shards(tmp_path_factory.mktemp("uniform"), "s", [f"Answer {i}." for i in range(48)], maxcount=10,
+                         colour=lambda i: (i * 5, 100, 200 - i))
 
 
 def loader_config(paths, **kw):

@@ -21,26 +21,15 @@ def varied_shards(tmp_path_factory):
     """60 samples v00..v59 whose answers run from 1 to ~40 words (a long tail), every third text-only."""
     import numpy as np
 
-    from himix_megatron.data.build import BuildConfig, build_shards
-    from conftest import conv, png_bytes, write_llava
+    from conftest import answer_shards
 
-    tmp = tmp_path_factory.mktemp("varied")
     rng = np.random.default_rng(3)
-    records, images = [], {}
+    answers = []
     for i in range(COUNT):
         words = int(min(40, rng.pareto(1.2) * 3 + 1))
-        answer = " ".join(f"w{(i * 7 + k) % 23}" for k in range(words)) + "."
-        rec = {"id": f"v{i:02d}", "conversations": conv(f"<image>\nQuestion {i}?", answer)}
-        if i % 3 == 2:
-            rec["conversations"] = conv(f"Question {i}?", answer)
-        else:
-            rec["image"] = f"{i}.png"
-            images[f"{i}.png"] = png_bytes((i * 4, 90, 200 - i), (8 + i % 5, 8))
-        records.append(rec)
-    path, folder = write_llava(tmp, records, images)
-    out = str(tmp / "shards")
-    build_shards(BuildConfig(output=out, json=(path,), image_folder=folder, maxcount=16, progress=False))
-    return out
+        answers.append(" ".join(f"w{(i * 7 + k) % 23}" for k in range(words)) + ".")
+    return answer_shards(tmp_path_factory.mktemp("varied"), "v", answers, maxcount=16,
+                         colour=lambda i: (i * 4, 90, 200 - i))
 
 
 def balanced_config(helpers, path, *, gbs=12, strategy="balanced", **kw):
