@@ -169,11 +169,10 @@ def _train(cfg):
 def test_training_is_the_same_in_every_placement(tmp_path):
     """TP=2 training with the encoder replicated or sharded: the same features, so the same losses (to float
     rounding: the sharded encoder sums its row-parallel partial products in another order)."""
-    from himix_megatron.data.synthetic import SyntheticConfig, generate, write_word_tokenizer
+    from data_utils import synthetic_training_data
     from himix_megatron.training.config import TrainConfig
 
-    generate(SyntheticConfig(num_samples=400, seed=0, maxcount=100), str(tmp_path / "train"))
-    write_word_tokenizer(str(tmp_path / "tok"))
+    synthetic_training_data(tmp_path, 400, maxcount=100)
     base = TrainConfig(data_path=[str(tmp_path / "train")], tokenizer_model=str(tmp_path / "tok"), system_prompt="",
                        seq_length=24, micro_batch_size=4, lr=3e-3, train_iters=3, num_workers=0, progress=False,
                        log_interval=100, tensor_model_parallel_size=2)

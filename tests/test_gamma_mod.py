@@ -600,12 +600,9 @@ def test_tp2_and_pp2_match_a_single_rank(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from himix_megatron.data.synthetic import SyntheticConfig, generate, write_word_tokenizer
+    from data_utils import synthetic_training_data
 
-    root = tmp_path_factory.mktemp("gamma_mod_data")
-    generate(SyntheticConfig(num_samples=200, seed=0, maxcount=100), str(root / "train"))
-    write_word_tokenizer(str(root / "tok"))
-    return root
+    return synthetic_training_data(tmp_path_factory.mktemp("gamma_mod_data"), 200, maxcount=100)
 
 
 def _train_runs(root: str, save: str):

@@ -63,12 +63,9 @@ def _executable(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from himix_megatron.data.synthetic import SyntheticConfig, generate, write_word_tokenizer
+    from data_utils import synthetic_training_data
 
-    root = tmp_path_factory.mktemp("launch_data")
-    generate(SyntheticConfig(num_samples=ITERS * 8 + 40), str(root / "train"))
-    write_word_tokenizer(str(root / "tok"))
-    return root
+    return synthetic_training_data(tmp_path_factory.mktemp("launch_data"), ITERS * 8 + 40)
 
 
 def train_flags(data, run_dir) -> list[str]:

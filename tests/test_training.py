@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from data_utils import synthetic_training_data
 from himix_megatron.config import ParallelConfig
 from himix_megatron.training.config import TrainConfig
 from multiprocess import run_world
@@ -20,13 +21,7 @@ from multiprocess import run_world
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from himix_megatron.data.synthetic import SyntheticConfig, generate, write_word_tokenizer
-
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(SyntheticConfig(num_samples=400, seed=0, maxcount=100), str(root / "train"))
-    generate(SyntheticConfig(num_samples=300, seed=1), str(root / "valid"))
-    write_word_tokenizer(str(root / "tok"))
-    return root
+    return synthetic_training_data(tmp_path_factory.mktemp("synthetic"), 400, valid=300, maxcount=100)
 
 
 def _cfg(synthetic, **overrides) -> TrainConfig:

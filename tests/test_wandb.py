@@ -14,6 +14,7 @@ import struct
 
 import pytest
 
+from data_utils import synthetic_training_data
 from himix_megatron.config import ConfigError, ParallelConfig
 from himix_megatron.training import wandb_run
 from himix_megatron.training.config import TrainConfig
@@ -119,13 +120,7 @@ def test_a_resume_continues_the_run_the_checkpoint_directory_keeps(offline, tmp_
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from himix_megatron.data.synthetic import SyntheticConfig, generate, write_word_tokenizer
-
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(SyntheticConfig(num_samples=200, seed=0, maxcount=100), str(root / "train"))
-    generate(SyntheticConfig(num_samples=300, seed=1), str(root / "valid"))
-    write_word_tokenizer(str(root / "tok"))
-    return root
+    return synthetic_training_data(tmp_path_factory.mktemp("synthetic"), 200, valid=300, maxcount=100)
 
 
 def _train(cfg: TrainConfig):

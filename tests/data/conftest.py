@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from image_utils import jpeg_bytes, png_bytes  # noqa: F401 - the data tests take them from here
+from data_utils import jpeg_bytes, png_bytes  # noqa: F401 - the data tests take them from here
 from tokenizer_utils import train_byte_bpe, train_sentencepiece
 
 

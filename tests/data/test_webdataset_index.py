@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from image_utils import jpeg_bytes, png_bytes
+from data_utils import jpeg_bytes, png_bytes
 
 from himix_megatron.data.records import DataError
 from himix_megatron.data.shards import ShardDirectory, ShardReader
