@@ -34,8 +34,6 @@ class Tokenizer(Protocol):
     eos_id: Optional[int]
     pad_id: int
 
-    def encode(self, text: str) -> list[int]: ...
-
     def encode_chunk(self, text: str) -> tuple[list[int], list[int]]:
         """`tokenizer(text).input_ids` as transformers gives it, and each token's start offset in `text`
         (-1 for a token the tokenizer added, such as BOS)."""
@@ -100,13 +98,6 @@ class SentencePieceTokenizer:
     def __setstate__(self, state):
         self.path = state["path"]
         self._load()
-
-    def encode(self, text: str) -> list[int]:
-        # Segments are cut just before a space; the dummy prefix "▁" re-creates that space, so
-        # encoding segment by segment gives the same pieces as encoding the joined string.
-        if text.startswith(" "):
-            text = text[1:]
-        return list(self._sp.EncodeAsIds(text)) if text else []
 
     def encode_chunk(self, text: str) -> tuple[list[int], list[int]]:
         ids, starts = ([self.bos_id], [-1]) if self.add_bos and self.bos_id is not None else ([], [])
@@ -199,9 +190,6 @@ class HFTokenizer:
     def __setstate__(self, state):
         self.path, self._names = state["path"], state["_names"]
         self._load()
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids) if text else []
 
     def encode_chunk(self, text: str) -> tuple[list[int], list[int]]:
         # The post-processor adds what transformers adds (Llama-3's <|begin_of_text|>, nothing for Qwen2).

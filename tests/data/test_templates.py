@@ -209,7 +209,7 @@ def test_sentencepiece_legacy_flag(sp_path, tmp_path):
         tok = load_tokenizer(str(tmp_path / "tokenizer.model"))
         ids, starts = tok.encode_chunk("a</s>USER")
         assert ids[0] == tok.bos_id and starts[0] == -1 and tok.eos_id in ids
-        after_eos[legacy] = tok.decode(tok.encode("a") + ids[ids.index(tok.eos_id) + 1:])
+        after_eos[legacy] = tok.decode(tok.encode_chunk("a")[0][1:] + ids[ids.index(tok.eos_id) + 1:])
     assert after_eos == {True: "a USER", False: "aUSER"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": "no"}))
     with pytest.raises(DataError, match="legacy='no' must be true or false"):
